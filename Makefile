@@ -1,0 +1,28 @@
+# Every target installs into .venv first when pyproject.toml or requirements.lock changed;
+# a second call installs nothing.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-slow clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@bash scripts/install.sh $(VENV)
+
+install: $(STAMP) ## Create .venv and install gradsmooth with its pinned dependencies
+
+run: $(STAMP) ## Train the default job (timm ViT on digits with Gradient Smoothing); extra overrides in ARGS="..."
+	$(PYTHON) train.py $(ARGS)
+
+test: $(STAMP) ## Run the test suite without the slow end-to-end checks
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## Run only the slow end-to-end checks (full default runs)
+	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+clean: ## Remove run directories and caches (keeps .venv)
+	rm -rf runs multirun .pytest_cache
