@@ -1,0 +1,313 @@
+"""The smoothing optimizer wrapper: holds state and order, and calls the pure depth operators.
+
+``SmoothedOptimizer`` is a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the
+base optimizer's own objects, so LR schedulers, Accelerate, Hugging Face ``Trainer`` and TRL see
+the base optimizer's groups and hyperparameters unchanged.
+
+With ``target="update"`` (the form the method describes) one step is:
+
+1. copy the smoothed parameters (one persistent buffer per parameter, allocated once),
+2. run the base optimizer's step,
+3. form each block's update ``delta_i = theta'_i - theta_i`` and, with ``decouple_weight_decay``,
+   take the decoupled decay ``-lr * wd * theta_i`` out of it,
+4. write ``theta_i + sum_j M[i, j] * delta_j`` (plus the block's own decay) into the parameters.
+
+With ``target="gradient"`` the gradients are mixed along depth before the base step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from gradsmooth.smoothing.config import SmoothingConfig
+from gradsmooth.smoothing.operators import add_mixed_, band_terms, is_identity, mixing_matrix
+from gradsmooth.smoothing.stacks import Stack, find_stacks, format_stack_table
+
+
+def sub_optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """Return the optimizers that own ``optimizer``'s groups (several for a combined optimizer)."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
+def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Return whether ``optimizer`` applies ``group``'s weight decay as ``param *= 1 - lr * wd``.
+
+    True for torch's AdamW, Adam with ``decoupled_weight_decay=True`` and Muon.
+    """
+    if "decoupled_weight_decay" in group:
+        return bool(group["decoupled_weight_decay"])
+    # NOTE: optimizers outside torch.optim with decoupled decay (Lion, say) are treated as
+    # coupled here, so their decay is smoothed with the rest of the update.
+    return isinstance(optimizer, (torch.optim.AdamW, torch.optim.Muon))
+
+
+class _StackPlan:
+    """One stack's slots (each a list of per-depth parameters) and its mixing terms."""
+
+    def __init__(self, stack: Stack, slots: list[list[nn.Parameter]], config: SmoothingConfig):
+        self.path = stack.path
+        self.slots = slots
+        matrix = mixing_matrix(
+            stack.depth,
+            operator=config.operator,
+            window=config.window,
+            alpha=config.alpha,
+            kernel=config.kernel,
+            decay=config.decay,
+            direction=config.direction,
+        )
+        self.matrix = matrix
+        self.mix_terms = band_terms(matrix)
+        self.residual_terms = band_terms(torch.eye(stack.depth, dtype=matrix.dtype) - matrix)
+
+
+class SmoothedOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that each step's update is mixed along the depth of ``stacks``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, Muon, a combined optimizer).
+        stacks: from :func:`find_stacks`; only parameters that ``optimizer`` holds are smoothed.
+        config: the smoothing settings; ``operator="none"`` is rejected here (use the base).
+
+    Not supported: ``target="gradient"`` with optimizers that re-evaluate the closure several
+    times per step (LBFGS), because the gradients are smoothed once before the base step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, stacks: list[Stack], config: SmoothingConfig):
+        if not config.enabled:
+            raise ValueError("SmoothedOptimizer needs an operator; use the base optimizer for smoothing.operator=none")
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Optimizer.__init__ sets up torch's step hooks and profiling; the groups it builds are then
+        # replaced by the base optimizer's, so both objects share one set of groups and state.
+        super().__init__(params, defaults={})
+        self.base = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.config = config
+        self.identity = is_identity(config.operator, config.window, config.alpha)
+        self.smoothing_steps = 0
+
+        held = {id(p) for p in params}
+        self.stacks = stacks
+        self.plans: list[_StackPlan] = []
+        for stack in stacks:
+            slots = []
+            for name, slot_params in list(stack.slots.items()):
+                if all(id(p) in held for p in slot_params):
+                    slots.append(slot_params)
+                else:
+                    stack.skipped[name] = "not in optimizer"
+                    del stack.slots[name]
+            if slots:
+                self.plans.append(_StackPlan(stack, slots, config))
+
+        if not self.plans:
+            raise ValueError(
+                "smoothing found no block parameter that the optimizer updates; check that the "
+                "optimizer holds the stacks' parameters or use smoothing=none"
+            )
+
+        self._params = [p for plan in self.plans for slot in plan.slots for p in slot]
+        self._nested_params = self._per_plan(self._params)
+        self._owner = self._index_owners()
+        self._snapshots: list[torch.Tensor] | None = None
+        self._nested_snapshots: list[list[list[torch.Tensor]]] = []
+
+    def _index_owners(self) -> list[tuple[int, int]]:
+        """Map each smoothed parameter to (sub-optimizer index, group index) of its group."""
+        where: dict[int, tuple[int, int]] = {}
+        for opt_index, opt in enumerate(sub_optimizers(self.base)):
+            for group_index, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    where[id(p)] = (opt_index, group_index)
+        return [where[id(p)] for p in self._params]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "base"):
+            super().add_param_group(param_group)
+        else:
+            self.base.add_param_group(param_group)
+
+    # --- the torch.optim.Optimizer contract -------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        if self.identity:
+            return self.base.step(closure)
+
+        if self.config.target == "gradient":
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._smooth_gradients()
+            self.base.step()
+        else:
+            self._take_snapshot()
+            loss = self.base.step(closure)
+            self._smooth_updates()
+
+        self.smoothing_steps += 1
+        return loss
+
+    def state_dict(self) -> dict:
+        return {
+            "base": self.base.state_dict(),
+            "smoothing": {"config": asdict(self.config), "steps": self.smoothing_steps},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "base" not in state_dict or "smoothing" not in state_dict:
+            raise ValueError(
+                "expected a SmoothedOptimizer state_dict with keys 'base' and 'smoothing'; got keys "
+                f"{sorted(state_dict)}. Load a base optimizer's state_dict into optimizer.base instead."
+            )
+        self.base.load_state_dict(state_dict["base"])
+        # The base optimizer replaces its group dicts and state on load; share the new ones.
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.smoothing_steps = int(state_dict["smoothing"]["steps"])
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"SmoothedOptimizer(operator={c.operator}, window={c.window}, alpha={c.alpha}, target={c.target}, "
+            f"stacks={[plan.path for plan in self.plans]}, base={self.base!r})"
+        )
+
+    # --- smoothing ----------------------------------------------------------------------------
+
+    def describe(self, model: nn.Module) -> str:
+        """Return the startup table of stacks, slots and what is left out."""
+        return format_stack_table(model, self.stacks)
+
+    def _decay_factors(self) -> list[float]:
+        """Return ``lr * wd`` of each smoothed parameter's group where decay is decoupled, else 0."""
+        if not self.config.decouple_weight_decay:
+            return [0.0] * len(self._params)
+
+        optimizers = sub_optimizers(self.base)
+        factors = []
+        for opt_index, group_index in self._owner:
+            opt = optimizers[opt_index]
+            group = opt.param_groups[group_index]
+            if has_decoupled_decay(opt, group):
+                factors.append(float(group["lr"]) * float(group.get("weight_decay", 0.0)))
+            else:
+                factors.append(0.0)
+        return factors
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        if self._snapshots is None:
+            self._snapshots = [torch.empty_like(p) for p in self._params]
+            self._nested_snapshots = self._per_plan(self._snapshots)
+        self._decay = self._decay_factors()
+        torch._foreach_copy_(self._snapshots, self._params)
+
+    def _per_plan(self, flat: list[torch.Tensor]) -> list[list[list[torch.Tensor]]]:
+        """Split a flat list ordered like ``self._params`` into [plan][slot][depth]."""
+        nested, start = [], 0
+        for plan in self.plans:
+            slots = []
+            for slot in plan.slots:
+                slots.append(flat[start : start + len(slot)])
+                start += len(slot)
+            nested.append(slots)
+        return nested
+
+    @torch.no_grad()
+    def _smooth_updates(self) -> None:
+        # The snapshot buffers become D = theta_old - theta' = -delta, in place.
+        residuals = self._snapshots
+        torch._foreach_sub_(residuals, self._params)
+
+        # Decoupled decay out of the update: D_r = (1 - c) D - c theta', with c = lr * wd, so that
+        # theta' + D_r = (1 - c) theta_old, the decayed old parameters.
+        by_factor: dict[float, list[int]] = defaultdict(list)
+        for index, factor in enumerate(self._decay):
+            if factor != 0.0:
+                by_factor[factor].append(index)
+        for factor, indices in by_factor.items():
+            decayed = [residuals[i] for i in indices]
+            torch._foreach_mul_(decayed, 1.0 - factor)
+            torch._foreach_add_(decayed, [self._params[i] for i in indices], alpha=-factor)
+
+        params = self._nested_params
+        nested = self._nested_snapshots
+        if self.config.normalize == "rescale":
+            for plan, plan_params, plan_residuals in zip(self.plans, params, nested):
+                # theta_new = theta' + D_r + M(delta_r) with delta_r = -D_r, each mixed update rescaled.
+                mixed = [[torch.zeros_like(t) for t in slot] for slot in plan_residuals]
+                add_mixed_(mixed, plan_residuals, plan.mix_terms)
+                flat_mixed = [t for slot in mixed for t in slot]
+                flat_residuals = [t for slot in plan_residuals for t in slot]
+                _rescale_(flat_mixed, flat_residuals)
+                flat_params = [p for slot in plan_params for p in slot]
+                torch._foreach_add_(flat_params, flat_residuals)
+                torch._foreach_sub_(flat_params, flat_mixed)
+        else:
+            # theta_new = theta' + (I - M) D_r, read from the buffers and written to the parameters.
+            for plan, plan_params, plan_residuals in zip(self.plans, params, nested):
+                add_mixed_(plan_params, plan_residuals, plan.residual_terms)
+
+    @torch.no_grad()
+    def _smooth_gradients(self) -> None:
+        for plan in self.plans:
+            slots = [slot for slot in plan.slots if all(p.grad is not None for p in slot)]
+            # NOTE: a slot where some blocks have no gradient this step is left unsmoothed.
+            if not slots:
+                continue
+            grads = [[p.grad for p in slot] for slot in slots]
+            mixed = [[torch.zeros_like(g) for g in slot] for slot in grads]
+            add_mixed_(mixed, grads, plan.mix_terms)
+            flat_mixed = [g for slot in mixed for g in slot]
+            flat_grads = [g for slot in grads for g in slot]
+            if self.config.normalize == "rescale":
+                _rescale_(flat_mixed, flat_grads)
+            torch._foreach_copy_(flat_grads, flat_mixed)
+
+
+def _rescale_(mixed: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
+    """Scale each ``mixed[i]`` in place to the Frobenius norm of ``reference[i]``."""
+    target_norms = torch._foreach_norm(reference)
+    mixed_norms = torch._foreach_norm(mixed)
+    tiny = torch.finfo(mixed[0].dtype).tiny
+    ratios = [t / m.clamp_min(tiny) for t, m in zip(target_norms, mixed_norms)]
+    torch._foreach_mul_(mixed, ratios)
+
+
+def smooth(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    config: SmoothingConfig | None = None,
+    **settings,
+) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` with Gradient Smoothing over the stacks of ``model``.
+
+    Pass a :class:`SmoothingConfig` or its fields as keywords (``window=3, alpha=0.2``). Returns
+    ``optimizer`` itself for ``operator="none"``. Raises ``ValueError`` when ``model`` has no
+    stack of two or more identical blocks, or when a ``stacks`` pattern matches none.
+    """
+    if config is None:
+        config = SmoothingConfig(**settings)
+    elif settings:
+        raise ValueError("pass either a SmoothingConfig or keyword settings, not both")
+
+    if not config.enabled:
+        return optimizer
+
+    stacks = find_stacks(model, config.stacks or None, matrices_only=config.params == "matrices")
+    if not stacks:
+        raise ValueError(
+            f"smoothing found no stack of >= 2 identical blocks in {type(model).__name__}. "
+            "Set smoothing.stacks to the module path of its blocks, or use smoothing=none for the baseline."
+        )
+    return SmoothedOptimizer(optimizer, stacks, config)
