@@ -1,0 +1,78 @@
+"""A self-describing run directory: resolved config, environment, metrics, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "datasets",
+    "diffusers",
+    "accelerate",
+    "trl",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def collect_environment() -> dict:
+    """Return the git commit and dirty flag, package versions, hardware and command line."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "command": [sys.executable, *sys.argv],
+        "python": platform.python_version(),
+        "packages": versions,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_devices": devices,
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` through a temporary file, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` for a new run, or raise if another run already wrote metrics there."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"run directory {run_dir} already contains a run (metrics.jsonl exists); "
+            "choose a new hydra.run.dir or remove the old run"
+        )
+    if not os.access(run_dir, os.W_OK):
+        raise PermissionError(f"run directory {run_dir} is not writable; set hydra.run.dir to a writable path")
