@@ -114,3 +114,17 @@ def test_build_error_before_training(overrides, expected, tmp_path):
     for text in expected:
         assert text in str(error.value)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
+def test_launcher_composes(launcher):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from gradsmooth.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"hydra/launcher={launcher}", "sweep=vit"], return_hydra_config=True)
+    assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower()
+    assert cfg.hydra.sweeper.params.optim == "sgd,adam,adamw,muon"

@@ -20,19 +20,8 @@ from gradsmooth.optim import OptimConfig
 from gradsmooth.smoothing import SmoothingConfig
 from gradsmooth.tasks.vit import ViTModelConfig
 from gradsmooth.training import TrainerConfig
+from gradsmooth.training.metrics import LoggerConfig
 from gradsmooth.training.errors import ConfigError
-
-
-@dataclass
-class LoggerConfig:
-    """Metric destination. ``jsonl``: ``metrics.jsonl`` in the run directory and console lines."""
-
-    name: str = "jsonl"
-
-    def __post_init__(self) -> None:
-        # TODO: add logger=wandb (offline unless logged in) through Accelerate's trackers.
-        if self.name != "jsonl":
-            raise ValueError(f"logger.name must be jsonl; got {self.name!r}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from gradsmooth.optim import OptimConfig, build_optimizer, build_scheduler
 from gradsmooth.smoothing import SmoothedOptimizer, SmoothingConfig, smooth
 from gradsmooth.tasks import Task, build_task
 from gradsmooth.training.errors import ConfigError
-from gradsmooth.training.metrics import MetricsLog
+from gradsmooth.training.metrics import LoggerConfig, MetricsLog, plot_history, wandb_mode
 from gradsmooth.training.rundir import write_json
 
 log = logging.getLogger("gradsmooth")
@@ -132,8 +132,16 @@ def train(
     trainer: TrainerConfig,
     seed: int,
     run_dir: Path,
+    logger: LoggerConfig | None = None,
+    run_info: dict | None = None,
 ) -> dict[str, float]:
-    """Train one run and return its final metrics (also written to ``results.json``)."""
+    """Train one run and return its final metrics (also written to ``results.json``).
+
+    ``run_info`` names the run for trackers: ``name``, ``group``, ``id`` and the resolved
+    ``config`` as a plain dict.
+    """
+    logger = logger or LoggerConfig()
+    run_info = run_info or {}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.threads:
@@ -145,6 +153,7 @@ def train(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=trainer.grad_accum_steps, sync_with_dataloader=False
         ),
+        log_with="wandb" if logger.name == "wandb" else None,
     )
     set_seed(seed)
     main = accelerator.is_main_process
@@ -182,7 +191,18 @@ def train(
         accelerator.device.type,
     )
 
-    metrics_log = MetricsLog(run_dir, enabled=main)
+    if logger.name == "wandb":
+        wandb_settings = {
+            "mode": wandb_mode(logger),
+            "dir": str(run_dir),
+            "name": run_info.get("name"),
+            "group": run_info.get("group"),
+            "id": run_info.get("id"),
+            "entity": logger.entity,
+            "tags": logger.tags,
+        }
+        accelerator.init_trackers(logger.project, config=run_info.get("config"), init_kwargs={"wandb": wandb_settings})
+    metrics_log = MetricsLog(run_dir, enabled=main, accelerator=accelerator)
     batches = _cycle(train_loader)
     step = 0
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -250,7 +270,15 @@ def train(
     metrics_log.write(step, final)
 
     if main:
-        write_json(run_dir / "results.json", {"task": task.name, "metric": task.metric, "step": step, **final})
+        write_json(
+            run_dir / "results.json",
+            {"task": task.name, "metric": task.metric, "metric_mode": task.metric_mode, "step": step, **final},
+        )
+        plot_history(metrics_log.history, run_dir / "curves.png", title=str(run_dir))
+        if logger.name == "wandb" and (run_dir / "curves.png").exists():
+            import wandb
+
+            accelerator.get_tracker("wandb", unwrap=True).log({"plots/curves": wandb.Image(str(run_dir / "curves.png"))})
     if trainer.save_model:
         accelerator.wait_for_everyone()
         accelerator.save_model(model, run_dir, safe_serialization=True)
