@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow clean
+.PHONY: help install run test test-slow tables table-vit clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,11 @@ test: $(STAMP) ## Run the test suite without the slow end-to-end checks
 
 test-slow: $(STAMP) ## Run only the slow end-to-end checks (full default runs)
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+table-vit: $(STAMP) ## Sweep the ViT table (48 runs, about 40 minutes on 2 CPU cores) and write results/vit/
+	$(PYTHON) scripts/run_table.py vit
+
+tables: table-vit ## Rebuild every table from new sweeps
 
 clean: ## Remove run directories and caches (keeps .venv)
 	rm -rf runs multirun .pytest_cache
