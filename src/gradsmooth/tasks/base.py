@@ -53,3 +53,12 @@ class Task(ABC):
 
     @abstractmethod
     def eval_metrics(self, totals: dict[str, float], split: str) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Return tensors the task needs for an exact resume (an EMA of the weights, say); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned; a task with no state accepts only an empty dict."""
+        if state:
+            raise ValueError(f"task {self.name} keeps no state, but the checkpoint holds {sorted(state)}")

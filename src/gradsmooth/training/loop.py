@@ -23,7 +23,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gradsmooth.optim import OptimConfig, build_optimizer, build_scheduler
 from gradsmooth.smoothing import SmoothedOptimizer, SmoothingConfig, smooth
 from gradsmooth.tasks import Task, build_task
+from gradsmooth.training.checkpoint import (
+    CHECKPOINT_DIR,
+    generator_state_from_list,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from gradsmooth.training.errors import ConfigError
+from gradsmooth.training.signals import StopSignal
 from gradsmooth.training.metrics import LoggerConfig, MetricsLog, plot_history, wandb_mode
 from gradsmooth.training.rundir import write_json
 
@@ -46,6 +54,10 @@ class TrainerConfig:
     num_workers: DataLoader worker processes.
     save_model: write the final weights as ``model.safetensors``.
     progress_bar: show a tqdm bar with loss and learning rate when stderr is a terminal.
+    checkpoint_every: optimizer steps between checkpoints (and one at the end); 0 turns them off.
+    keep_checkpoints: how many of the newest checkpoints to keep.
+    resume: empty to start fresh; ``auto`` to continue from this run directory's newest
+        checkpoint when there is one; or the path of a checkpoint or run directory.
     """
 
     max_steps: int = 1000
@@ -59,12 +71,15 @@ class TrainerConfig:
     num_workers: int = 0
     save_model: bool = True
     progress_bar: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "grad_accum_steps", "eval_every", "log_every"):
+        for key in ("max_steps", "grad_accum_steps", "eval_every", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
-        for key in ("grad_clip", "threads", "num_workers"):
+        for key in ("grad_clip", "threads", "num_workers", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0; got {getattr(self, key)}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -73,14 +88,57 @@ class TrainerConfig:
             )
 
 
-def _cycle(loader):
-    """Yield batches forever, one pass over ``loader`` per epoch."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class BatchStream:
+    """Training batches forever, one pass over the loader per epoch, with a restorable position.
+
+    The position is the epoch, the batches already taken from it and the shuffling generator's
+    state at the start of the epoch. Restoring replays the epoch's shuffle and skips the batches
+    taken, under a forked RNG, so the global RNG state from the checkpoint is left untouched.
+    """
+
+    def __init__(self, loader, generator: torch.Generator):
+        self.loader = loader
+        self.generator = generator
+        self.epoch = 0
+        self.position = 0
+        self.epoch_start_state = generator.get_state()
+        self._iterator = None
+
+    def __next__(self):
+        while True:
+            if self._iterator is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                self.position = 0
+                continue
+            self.position += 1
+            return batch
+
+    def _start_epoch(self) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self.epoch_start_state = self.generator.get_state()
+        self._iterator = iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "epoch_start_generator_state": self.epoch_start_state.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.generator.set_state(generator_state_from_list(state["epoch_start_generator_state"]))
+        self._start_epoch()
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(state["position"]):
+                next(self._iterator)
+        self.position = state["position"]
 
 
 @torch.no_grad()
@@ -94,6 +152,17 @@ def evaluate(task: Task, model, loader, split: str, accelerator: Accelerator) ->
             totals[key] = totals.get(key, 0.0) + value.double().sum()
     model.train()
     return task.eval_metrics({k: float(v) for k, v in totals.items()}, split)
+
+
+def _describe_optimizer(optimizer) -> str:
+    """Name the optimizer classes behind ``optimizer`` (Accelerate, smoothing and combined layers included)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    parts = []
+    if isinstance(inner, SmoothedOptimizer):
+        parts.append(f"SmoothedOptimizer({inner.config.operator})")
+        inner = inner.base
+    parts.extend(type(opt).__name__ for opt in getattr(inner, "optimizers", [inner]))
+    return "+".join(parts)
 
 
 def _build(task_settings, model_settings, data_settings, optim, smoothing, trainer, seed):
@@ -120,7 +189,7 @@ def _build(task_settings, model_settings, data_settings, optim, smoothing, train
 
     optimizer = smooth(build_optimizer(optim, model), model, smoothing)
     scheduler = build_scheduler(optim, optimizer, trainer.max_steps)
-    return task, model, train_loader, eval_loaders, optimizer, scheduler
+    return task, model, train_loader, generator, eval_loaders, optimizer, scheduler
 
 
 def train(
@@ -161,9 +230,10 @@ def train(
     # Build the task, model, data, optimizer and schedule. Every invalid setting fails here,
     # before any training step.
     try:
-        task, model, train_loader, eval_loaders, optimizer, scheduler = _build(
+        task, model, train_loader, generator, eval_loaders, optimizer, scheduler = _build(
             task_settings, model_settings, data_settings, optim, smoothing, trainer, seed
         )
+        resume_from = resolve_resume(trainer.resume, run_dir)
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
@@ -203,18 +273,59 @@ def train(
         }
         accelerator.init_trackers(logger.project, config=run_info.get("config"), init_kwargs={"wandb": wandb_settings})
     metrics_log = MetricsLog(run_dir, enabled=main, accelerator=accelerator)
-    batches = _cycle(train_loader)
+    batches = BatchStream(train_loader, generator)
     step = 0
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = 0
     grad_norm = None
+
+    # Resume: model, optimizer (with the smoothing wrapper) and RNG states through Accelerate, then
+    # the schedule, the data position, the partial loss sum and the task's own state.
+    if resume_from is not None:
+        try:
+            state, task_state = load_checkpoint(accelerator, resume_from)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        written_by, used_now = state.get("optimizer"), _describe_optimizer(optimizer)
+        if written_by != used_now:
+            raise ConfigError(
+                f"checkpoint {resume_from} was written by optimizer {written_by}, but this run uses {used_now}; "
+                "resume with the same optim and smoothing settings"
+            )
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["batches"])
+        loss_sum.fill_(state["loss_sum"])
+        micro_batches = state["micro_batches"]
+        task.load_state_dict(task_state)
+        metrics_log.restore(resume_from.parent.parent / "metrics.jsonl", state["metrics_rows"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    else:
+        metrics_log.restore(None, 0)
+
+    def checkpoint() -> Path:
+        state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "batches": batches.state_dict(),
+            "loss_sum": loss_sum.item(),
+            "micro_batches": micro_batches,
+            "metrics_rows": len(metrics_log.history),
+            "optimizer": _describe_optimizer(optimizer),
+        }
+        return save_checkpoint(
+            accelerator, run_dir / CHECKPOINT_DIR, step, state, task.state_dict(), trainer.keep_checkpoints
+        )
+
+    stop = StopSignal(accelerator)
     last_log_time, last_log_step = time.perf_counter(), 0
     # disable=None lets tqdm hide the bar when stderr is not a terminal (CI logs, SLURM files).
     show_bar = main and trainer.progress_bar
     progress = tqdm(total=trainer.max_steps, disable=None if show_bar else True, desc=task.name, dynamic_ncols=True)
 
     model.train()
-    with logging_redirect_tqdm():
+    progress.update(step)
+    with logging_redirect_tqdm(), stop:
         while step < trainer.max_steps:
             # Forward and backward one micro-batch; the optimizer steps at the end of the window.
             batch = next(batches)
@@ -234,6 +345,11 @@ def train(
             scheduler.step()
             step += 1
             progress.update(1)
+            if not torch.isfinite(loss.detach()).all():
+                raise FloatingPointError(
+                    f"training loss is {loss.item()} at step {step}; the run stops and keeps its last "
+                    "checkpoint. Lower optim.lr or enable trainer.grad_clip"
+                )
 
             # Log.
             if step % trainer.log_every == 0 or step == trainer.max_steps:
@@ -261,6 +377,17 @@ def train(
             # Evaluate.
             if step % trainer.eval_every == 0 and step != trainer.max_steps:
                 metrics_log.write(step, evaluate(task, model, eval_loaders["val"], "val", accelerator))
+
+            # Checkpoint, periodically and at the end, or now when SIGTERM or SIGINT arrived.
+            if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == trainer.max_steps):
+                checkpoint()
+            if stop.requested():
+                path = checkpoint()
+                log.error(
+                    "received %s at step %d; saved %s. Continue with trainer.resume=auto and the same hydra.run.dir",
+                    stop.name, step, path,
+                )
+                raise SystemExit(128 + stop.signum)
     progress.close()
 
     # Final evaluation on every held-out split, results and weights.

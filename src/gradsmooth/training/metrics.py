@@ -80,6 +80,21 @@ class MetricsLog:
         self.accelerator = accelerator
         self.history: list[dict] = []
 
+    def restore(self, source: Path | None, rows: int) -> None:
+        """Start from the first ``rows`` rows of ``source`` (a resumed run) and rewrite ``metrics.jsonl``.
+
+        Rows that the interrupted run logged after its checkpoint are dropped, so the file holds each
+        step once. With no source the file starts empty, which also claims the run directory.
+        """
+        history = []
+        if source is not None and source.exists():
+            history = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][:rows]
+        self.history = history
+        if self.enabled:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+            os.replace(tmp, self.path)
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)

@@ -66,13 +66,27 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def claim_run_dir(run_dir: Path) -> None:
-    """Create ``run_dir`` for a new run, or raise if another run already wrote metrics there."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(
+class RunDirError(OSError):
+    """The run directory belongs to another run or cannot be written."""
+
+
+def claim_run_dir(run_dir: Path, resume: str = "") -> None:
+    """Create ``run_dir`` for a new run, or raise if another run already wrote metrics there.
+
+    With ``resume`` set the directory may hold the run being resumed.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(
+            f"run directory {run_dir} cannot be created or written: {error.strerror or error}; "
+            "set hydra.run.dir to a writable path"
+        ) from error
+    if (run_dir / "metrics.jsonl").exists() and not resume:
+        raise RunDirError(
             f"run directory {run_dir} already contains a run (metrics.jsonl exists); "
-            "choose a new hydra.run.dir or remove the old run"
+            "choose a new hydra.run.dir, remove the old run, or continue it with trainer.resume=auto"
         )
-    if not os.access(run_dir, os.W_OK):
-        raise PermissionError(f"run directory {run_dir} is not writable; set hydra.run.dir to a writable path")
