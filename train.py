@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradsmooth.config import ConfigError, register_configs, validate
 from gradsmooth.training import train
-from gradsmooth.training.failures import finish_trackers, record_failure
-from gradsmooth.training.rundir import claim_run_dir, collect_environment, write_json
+from gradsmooth.training.failures import FAILURE_FILE, finish_trackers, record_failure
+from gradsmooth.training.rundir import RunDirError, claim_run_dir, collect_environment, write_json
 
 log = logging.getLogger("gradsmooth")
 
@@ -32,29 +34,64 @@ register_configs()
 
 def _run_info(cfg: DictConfig, run_dir: Path) -> dict:
     """Name, group and id of the run for trackers: named from its overrides, grouped by sweep."""
-    hydra_cfg = HydraConfig.get()
-    overrides = ",".join(hydra_cfg.overrides.task) or "default"
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    group = Path(hydra_cfg.sweep.dir).name if multirun else None
-    return {
-        "name": overrides,
-        "group": group,
+    info = {
+        "name": run_dir.name,
+        "group": None,
         "id": hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        info["name"] = ",".join(hydra_cfg.overrides.task) or "default"
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            info["group"] = Path(hydra_cfg.sweep.dir).name
+    return info
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+def _shared_run_dir(own: Path, cpu: bool) -> tuple[Path, bool]:
+    """Return rank 0's run directory on every process of a multi-process launch, and whether this is rank 0.
 
+    Under torchrun each rank composes its own Hydra run directory. The other ranks drop theirs
+    (it only holds their log file), log warnings and errors to the console only, and write
+    nothing; rank 0 writes logs, metrics and results.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return own, True
+
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=cpu)
+    shared = Path(broadcast_object_list([str(own)], from_process=0)[0])
+    if not state.is_main_process:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(logging.WARNING)
+        if own != shared:
+            shutil.rmtree(own, ignore_errors=True)
+    return shared, state.is_main_process
+
+
+def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
+    """Validate ``cfg``, train in ``run_dir`` and return the task's final metric.
+
+    A failure writes ``failure.json`` into ``run_dir``; in a multirun the job then returns NaN so
+    the sweep goes on, otherwise the error propagates (an invalid config exits with status 2).
+    """
+    is_main = True
     try:
         config = validate(cfg)
-        claim_run_dir(run_dir)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        write_json(run_dir / "environment.json", collect_environment())
-        log.info("run directory: %s", run_dir)
+        run_dir, is_main = _shared_run_dir(run_dir, config.trainer.cpu)
+        if is_main:
+            claim_run_dir(run_dir, resume=config.trainer.resume)
+            # A resumed run replaces the record of the attempt that failed in this directory.
+            (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            write_json(run_dir / "environment.json", collect_environment())
+            log.info("run directory: %s", run_dir)
 
         final = train(
             config.task,
@@ -70,24 +107,37 @@ def main(cfg: DictConfig) -> float:
         )
     except Exception as error:
         finish_trackers(exit_code=1)
-        if isinstance(error, FileExistsError):
-            # The directory belongs to another run: write nothing into it.
+        if isinstance(error, RunDirError):
+            # The directory is another run's or cannot be written: write nothing into it.
             log.error("%s", error)
-            sys.exit(1)
+            if multirun:
+                return float("nan")
+            raise
         record_failure(run_dir, error)
         if isinstance(error, ConfigError):
             log.error("invalid config: %s", error)
             if not multirun:
-                sys.exit(2)
+                raise
         elif not multirun:
             raise
         else:
             log.exception("job failed; the sweep goes on")
         return float("nan")
 
-    print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith("test/")))
+    if is_main:
+        print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith("test/")))
     metric = final.get("test/acc", final.get("test/loss"))
     return float(metric) if metric is not None else float("nan")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().mode == RunMode.MULTIRUN)
+    except ConfigError:
+        sys.exit(2)
+    except RunDirError:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,9 @@ CONFIG_DIR = ROOT / "configs"
 
 def compose(*overrides: str):
     """Compose ``configs/config.yaml`` with ``overrides`` as ``train.py`` does, without running."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from gradsmooth.config import compose as compose_config
 
-    from gradsmooth.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_config(*overrides)
 
 
 def run_config(*overrides: str, run_dir: Path):

@@ -8,6 +8,7 @@ the objects. Every component then receives only its own section.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,22 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("unique_id"):
         # A random suffix for run directories, so two runs started in the same second never share one.
         OmegaConf.register_new_resolver("unique_id", lambda: secrets.token_hex(3), use_cache=True)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose(*overrides: str) -> DictConfig:
+    """Compose ``configs/config.yaml`` with ``overrides`` as ``train.py`` does, without running.
+
+    Reads the repository's ``configs/`` folder, so it works from a source checkout.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def validate(cfg: DictConfig) -> RunConfig:

@@ -18,6 +18,7 @@ FAILURE_FILE = "failure.json"
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
     """Write ``failure.json`` (error type, message, traceback) so tables show the cell as failed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(
         run_dir / FAILURE_FILE,
         {
