@@ -2,7 +2,7 @@
 
 Hydra composes ``configs/config.yaml`` with the command-line overrides, the config is validated
 before any work starts, and the run writes everything under its own run directory. The last line
-printed is the task's final metrics, e.g. ``test/acc:0.9778 test/loss:0.0712``.
+printed is the task's final test and sample metrics, e.g. ``test/acc:0.9778 test/loss:0.0712``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float:
         log.error("invalid config: %s", error)
         sys.exit(2)
 
-    print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith("test/")))
+    print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith(("test/", "sample/"))))
     metric = final.get(f"test/{'acc' if 'test/acc' in final else 'loss'}")
     return float(metric) if metric is not None else float("nan")
 
