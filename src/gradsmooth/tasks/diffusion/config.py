@@ -36,7 +36,8 @@ class DiffusionTaskConfig:
     grid_size: the PNG grid of samples written at each evaluation is grid_size x grid_size images.
     frechet_features: ``digits_classifier`` (a small CNN trained once on the training split and
         cached, reported as ``sample/fd``) or ``inception`` (torchmetrics FID with Inception-v3
-        features, reported as ``sample/fid``; needs the Inception weights, so a hub connection).
+        features, reported as ``sample/fid``). Inception needs a connection that can download
+        its weights.
     classifier_steps: training steps of the digit classifier.
     cache_dir: where the trained digit classifier is cached; None uses ``$XDG_CACHE_HOME/gradsmooth``
         (``~/.cache/gradsmooth`` when the variable is unset).
@@ -65,6 +66,7 @@ class DiffusionTaskConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"task.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+
         allowed = SAMPLERS[self.objective]
         if self.sampler is None:
             self.sampler = allowed[0]
@@ -72,19 +74,24 @@ class DiffusionTaskConfig:
             raise ValueError(
                 f"task.sampler must be one of {', '.join(allowed)} for task.objective={self.objective}; got {self.sampler!r}"
             )
+
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"task.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}; got {self.beta_schedule!r}")
         if self.frechet_features not in FRECHET_FEATURES:
             raise ValueError(
                 f"task.frechet_features must be one of {', '.join(FRECHET_FEATURES)}; got {self.frechet_features!r}"
             )
+
         if self.logit_std <= 0:
             raise ValueError(f"task.logit_std must be > 0; got {self.logit_std}")
-        for key in ("num_train_timesteps", "sample_steps", "num_samples", "sample_batch_size", "classifier_steps"):
+        for key in ("num_train_timesteps", "sample_steps", "sample_batch_size", "classifier_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"task.{key} must be >= 1; got {getattr(self, key)}")
+        if self.num_samples < 2:
+            raise ValueError(f"task.num_samples must be >= 2, because a feature covariance needs two; got {self.num_samples}")
         if self.grid_size < 0:
             raise ValueError(f"task.grid_size must be >= 0 (0 writes no grid); got {self.grid_size}")
+
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"task.cfg_dropout must be in [0, 1); got {self.cfg_dropout}")
         if self.guidance_scale < 1.0:

@@ -174,6 +174,9 @@ class InceptionFID:
     [0, 1] to feature vectors. torchmetrics 1.9 loads the Inception weights through torch-fidelity
     and downloads them on first use, so the tests pass a small local module instead. Grayscale
     images are repeated to three channels for Inception.
+
+    NOTE: the download and Inception features (``feature=2048``) have not been run here, for
+    lack of a network; only the torchmetrics path with a local module is tested.
     """
 
     metric_name = "sample/fid"

@@ -1,7 +1,7 @@
 """Training objectives and their samplers: rectified flow and DDPM noise prediction.
 
 Each objective turns clean images ``x`` (in [-1, 1]), Gaussian noise and timesteps into the
-model's input, the timestep value the model sees and the regression target, and generates images
+model's input, the timestep value passed to the model and the regression target, and generates images
 from noise with a denoiser ``predict(x_t, model_timestep) -> prediction``. Timesteps come from
 uniform numbers in [0, 1) (:meth:`timesteps_from_uniform`), so training draws them fresh and the
 held-out loss reuses one fixed draw.

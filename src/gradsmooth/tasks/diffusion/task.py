@@ -106,8 +106,8 @@ class DiffusionTask(Task):
         self.batch_size = data_config.batch_size
         self.eval_batch_size = data_config.eval_batch_size
 
-        # Build the sample-quality metric now, so a missing download or bad setting fails before
-        # training; its reference statistics are computed at the first evaluation, on its device.
+        # Build the sample-quality metric now, so that a failed download fails before training.
+        # Its reference statistics wait for the first evaluation, which knows the device.
         self.quality = self._build_quality()
         self.metric = self.quality.metric_name
         self._quality_ready = False
@@ -231,6 +231,8 @@ class DiffusionTask(Task):
         Process r draws its noise from a generator seeded with ``eval_seed + r``, so the same
         weights on the same processes give the same samples. Image i gets label i mod the number
         of labels.
+
+        NOTE: run only on one CPU process so far; the GPU and multi-process paths are untested.
         """
         c = self.config
         rank, world = accelerator.process_index, accelerator.num_processes
