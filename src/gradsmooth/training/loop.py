@@ -98,7 +98,9 @@ def evaluate(task: Task, model, loader, split: str, accelerator: Accelerator) ->
     return task.eval_metrics({k: float(v) for k, v in totals.items()}, split)
 
 
-def evaluate_round(task: Task, model, loaders: dict, step: int, accelerator: Accelerator, run_dir: Path) -> dict[str, float]:
+def evaluate_round(
+    task: Task, model, loaders: dict, step: int, accelerator: Accelerator, run_dir: Path
+) -> dict[str, float]:
     """Evaluate every split in ``loaders``, then the task's whole-model metrics, with its evaluation weights."""
     unwrapped = accelerator.unwrap_model(model)
     metrics: dict[str, float] = {}
@@ -273,6 +275,7 @@ def train(
         extra = task.extra_weights(accelerator.unwrap_model(model))
         if main:
             for name, state in extra.items():
-                save_file({key: value.detach().contiguous().cpu() for key, value in state.items()}, run_dir / f"{name}.safetensors")
+                tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
+                save_file(tensors, run_dir / f"{name}.safetensors")
     accelerator.end_training()
     return final
