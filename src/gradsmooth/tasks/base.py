@@ -67,14 +67,15 @@ class Task(ABC):
 
     @contextlib.contextmanager
     def evaluation_weights(self, model: nn.Module) -> Iterator[None]:
-        """Hold the weights to evaluate in ``model`` for the duration of the block, then restore them."""
+        """Swap the weights to evaluate into ``model`` for the duration of the block, then restore the trained ones."""
         yield
 
     def evaluate_model(self, model: nn.Module, step: int, accelerator, run_dir: Path) -> dict[str, float]:
         """Return metrics computed from the whole model once per evaluation round (after the splits).
 
-        Called on every process inside :meth:`evaluation_weights`; collective calls on
-        ``accelerator`` are allowed, and only the main process should write to ``run_dir``.
+        Called on every process, in eval mode under ``torch.no_grad`` inside
+        :meth:`evaluation_weights`. Collective calls on ``accelerator`` are allowed, and only the
+        main process should write to ``run_dir``.
         """
         return {}
 
