@@ -2,7 +2,7 @@
 
 Hydra composes ``configs/config.yaml`` with the command-line overrides, the config is validated
 before any work starts, and the run writes everything under its own run directory. The last line
-printed is the task's final metrics, e.g. ``test/loss:0.0712 test/acc:0.9778``.
+printed is the task's final test and sample metrics, e.g. ``test/loss:0.0712 test/acc:0.9778``.
 
 In a multirun (``-m``) a failing job writes ``failure.json`` into its run directory and the
 sweep goes on; the sweep lists its failed jobs at the end.
@@ -125,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
         return float("nan")
 
     if is_main:
-        print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith("test/")))
+        print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith(("test/", "sample/"))))
     metric = final.get("test/acc", final.get("test/loss"))
     return float(metric) if metric is not None else float("nan")
 

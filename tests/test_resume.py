@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_config
+from gradsmooth.tasks.diffusion.task import DiffusionTask
 from gradsmooth.tasks.vit import VitTask
 from gradsmooth.training.checkpoint import complete_checkpoints, resolve_resume
 from gradsmooth.training.errors import ConfigError
@@ -23,6 +24,21 @@ RUNNERS = {
     "vit": (
         VitTask,
         ["task=vit", "model.depth=3", "model.embed_dim=16", "model.num_heads=2", "data.batch_size=512"],
+    ),
+    "diffusion": (
+        DiffusionTask,
+        [
+            "task=diffusion",
+            "model.num_layers=2",
+            "model.attention_head_dim=8",
+            "model.num_attention_heads=2",
+            "data.batch_size=512",
+            "task.num_samples=16",
+            "task.sample_batch_size=8",
+            "task.sample_steps=2",
+            "task.grid_size=4",
+            "task.classifier_steps=20",
+        ],
     ),
 }
 
@@ -60,6 +76,8 @@ def _kill_at_call(monkeypatch, cls, call: int, error: BaseException):
 def test_kill_and_resume_is_exact(runner, tmp_path, monkeypatch):
     cls, settings = RUNNERS[runner]
     overrides = [*settings, *COMMON]
+    if runner == "diffusion":
+        overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
     full = run_config(*overrides, run_dir=tmp_path / "full")
 
     # Killed during step 5 (micro-batch 9 of 12), after the checkpoint of step 3.

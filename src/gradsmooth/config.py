@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gradsmooth.data.images import DigitsConfig
 from gradsmooth.optim import OptimConfig
 from gradsmooth.smoothing import SmoothingConfig
+from gradsmooth.tasks.diffusion.config import DiTModelConfig
 from gradsmooth.tasks.vit import ViTModelConfig
 from gradsmooth.training import TrainerConfig
 from gradsmooth.training.metrics import LoggerConfig
@@ -44,6 +45,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(group="model", name="vit_schema", node=ViTModelConfig)
+    store.store(group="model", name="dit_schema", node=DiTModelConfig)
     store.store(group="data", name="digits_schema", node=DigitsConfig)
     try:
         from gradsmooth.data.hf_images import HFImagesConfig

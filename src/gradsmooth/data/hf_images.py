@@ -48,8 +48,10 @@ class HFImagesConfig:
         run uses the same split.
     image_size: side in pixels of the square images returned; every image is resized to it.
     channels: 1 (images converted to PIL mode ``L``) or 3 (mode ``RGB``).
-    augment: apply RandomCrop(image_size, padding=image_size // 8) and, if ``hflip``, a random
-        horizontal flip to training images. Validation and test images are never augmented.
+    augment: apply RandomCrop(image_size, padding=image_size // 8) if ``crop`` and a random
+        horizontal flip if ``hflip`` to training images. Validation and test images are never
+        augmented.
+    crop: include the padded random crop when ``augment`` is on.
     hflip: include the random horizontal flip when ``augment`` is on.
     mean, std: per-channel normalisation of images scaled to [0, 1]. None computes the value
         from up to 10,000 images of the training split.
@@ -73,6 +75,7 @@ class HFImagesConfig:
     image_size: int = 32
     channels: int = 3
     augment: bool = True
+    crop: bool = True
     hflip: bool = True
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
@@ -192,7 +195,7 @@ def load_hf_image_splits(config: HFImagesConfig) -> ImageSplits:
     mean, std = _normalisation(config, train, mode)
 
     def wrap(split, augment: bool) -> HFImageDataset:
-        transform = build_transform(config.image_size, mean, std, augment=augment, hflip=config.hflip)
+        transform = build_transform(config.image_size, mean, std, augment=augment, crop=config.crop, hflip=config.hflip)
         return HFImageDataset(split, config.image_column, config.label_column, mode, transform)
 
     return ImageSplits(
@@ -205,7 +208,7 @@ def load_hf_image_splits(config: HFImagesConfig) -> ImageSplits:
     )
 
 
-def build_transform(image_size: int, mean, std, *, augment: bool, hflip: bool = True):
+def build_transform(image_size: int, mean, std, *, augment: bool, crop: bool = True, hflip: bool = True):
     """Build the torchvision v2 pipeline: resize, optional crop and flip, scale to [0, 1], normalise.
 
     ``mean`` and ``std`` None leave out the normalisation, which the statistics pass relies on.
@@ -213,10 +216,10 @@ def build_transform(image_size: int, mean, std, *, augment: bool, hflip: bool = 
     from torchvision.transforms import v2
 
     steps = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
-    if augment:
+    if augment and crop:
         steps.append(v2.RandomCrop(image_size, padding=image_size // 8))
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
+    if augment and hflip:
+        steps.append(v2.RandomHorizontalFlip())
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if mean is not None:
         steps.append(v2.Normalize(list(mean), list(std)))

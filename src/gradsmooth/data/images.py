@@ -2,7 +2,7 @@
 
 Every loader returns an :class:`ImageSplits`: train, validation and test ``torch`` datasets of
 ``(image, label)`` pairs, images as float tensors of shape (channels, size, size), normalised with
-the training split's mean and standard deviation.
+the training split's mean and standard deviation (or, for diffusion, scaled to [-1, 1]).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ class ImageSplits:
     image_size: int
 
 
+DIGITS_SCALES = ("standardize", "symmetric")
+
+
 @dataclass
 class DigitsConfig:
     """scikit-learn's 1,797 8x8 handwritten digits, split once with a fixed stratified seed.
@@ -31,6 +34,9 @@ class DigitsConfig:
     val_fraction, test_fraction: shares of the 1,797 images held out (stratified by class).
     split_seed: seed of the split; fixed apart from the run seed so every run sees the same split.
     augment: shift training images by up to ``max_shift`` pixels (zero padding).
+    scale: ``standardize`` (subtract the training split's mean, divide by its standard deviation)
+        or ``symmetric`` (map the pixel range [0, 16] linearly onto [-1, 1], as diffusion expects).
+    image_size: side in pixels; any value other than 8 resizes the images bilinearly.
     batch_size, eval_batch_size: examples per batch for training and for evaluation.
     """
 
@@ -40,6 +46,8 @@ class DigitsConfig:
     split_seed: int = 0
     augment: bool = True
     max_shift: int = 1
+    scale: str = "standardize"
+    image_size: int = 8
     batch_size: int = 64
     eval_batch_size: int = 512
 
@@ -51,6 +59,10 @@ class DigitsConfig:
             )
         if self.max_shift < 0:
             raise ValueError(f"data.max_shift must be >= 0; got {self.max_shift}")
+        if self.scale not in DIGITS_SCALES:
+            raise ValueError(f"data.scale must be one of {', '.join(DIGITS_SCALES)}; got {self.scale!r}")
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be an integer >= 1; got {self.image_size}")
         check_batch_sizes(self.batch_size, self.eval_batch_size)
 
 
@@ -87,7 +99,7 @@ def random_shift(image: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 
 def load_digits_splits(config: DigitsConfig) -> ImageSplits:
-    """Load the digits, split them stratified by class and normalise with the training statistics."""
+    """Load the digits, split them stratified by class, scale them and resize them if asked."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -105,8 +117,14 @@ def load_digits_splits(config: DigitsConfig) -> ImageSplits:
         random_state=config.split_seed,
     )
 
-    mean, std = images[train_idx].mean(), images[train_idx].std()
-    tensor = torch.from_numpy((images - mean) / std).unsqueeze(1)
+    if config.scale == "symmetric":
+        tensor = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1)
+    else:
+        mean, std = images[train_idx].mean(), images[train_idx].std()
+        tensor = torch.from_numpy((images - mean) / std).unsqueeze(1)
+    if config.image_size != tensor.shape[-1]:
+        size = (config.image_size, config.image_size)
+        tensor = torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
     target = torch.from_numpy(labels)
 
     def subset(idx, shift):
@@ -119,5 +137,5 @@ def load_digits_splits(config: DigitsConfig) -> ImageSplits:
         test=subset(test_idx, 0),
         num_classes=10,
         channels=1,
-        image_size=8,
+        image_size=config.image_size,
     )

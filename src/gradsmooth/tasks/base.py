@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -30,6 +32,12 @@ class Task(ABC):
     batches. ``eval_step`` returns per-example values (1-D tensors); the loop gathers them across
     processes, sums each key over the split and passes the totals to :meth:`eval_metrics`.
     ``metric`` names the result its paper table reports, ``metric_mode`` whether higher is better.
+
+    Optional hooks, all no-ops by default: :meth:`after_optimizer_step` (e.g. an EMA update),
+    :meth:`evaluation_weights` (swap in the weights to evaluate), :meth:`evaluate_model` (metrics
+    of the whole model, such as sample quality, once per evaluation round) and
+    :meth:`extra_weights` (more state dicts saved next to ``model.safetensors``). The loop passes
+    these hooks the unwrapped model, never the Accelerate/DDP wrapper.
     """
 
     name: str
@@ -62,3 +70,24 @@ class Task(ABC):
         """Restore what :meth:`state_dict` returned; a task with no state accepts only an empty dict."""
         if state:
             raise ValueError(f"task {self.name} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Run after every real optimizer step and LR-schedule step, never after a micro-batch."""
+
+    @contextlib.contextmanager
+    def evaluation_weights(self, model: nn.Module) -> Iterator[None]:
+        """Swap the weights to evaluate into ``model`` for the duration of the block, then restore the trained ones."""
+        yield
+
+    def evaluate_model(self, model: nn.Module, step: int, accelerator, run_dir: Path) -> dict[str, float]:
+        """Return metrics computed from the whole model once per evaluation round (after the splits).
+
+        Called on every process, in eval mode under ``torch.no_grad`` inside
+        :meth:`evaluation_weights`. Collective calls on ``accelerator`` are allowed, and only the
+        main process should write to ``run_dir``.
+        """
+        return {}
+
+    def extra_weights(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Return named state dicts that the loop saves as ``<name>.safetensors`` next to the model."""
+        return {}

@@ -1,7 +1,8 @@
 """The training loop every task runner shares, on Accelerate.
 
 Sections, in order: build (task, model, data, optimizer, schedule), prepare, then per optimizer
-step: forward and backward over the accumulation window, clip, step, schedule, log, evaluate.
+step: forward and backward over the accumulation window, clip, step, schedule, the task's
+after-step hook (e.g. an EMA update), log, evaluate.
 Work after the backward pass runs only on real optimizer steps (``accelerator.sync_gradients``).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -163,6 +165,22 @@ def _describe_optimizer(optimizer) -> str:
         inner = inner.base
     parts.extend(type(opt).__name__ for opt in getattr(inner, "optimizers", [inner]))
     return "+".join(parts)
+
+
+def evaluate_round(
+    task: Task, model, loaders: dict, step: int, accelerator: Accelerator, run_dir: Path
+) -> dict[str, float]:
+    """Evaluate every split in ``loaders``, then the task's whole-model metrics, with its evaluation weights."""
+    unwrapped = accelerator.unwrap_model(model)
+    metrics: dict[str, float] = {}
+    with task.evaluation_weights(unwrapped):
+        for split, loader in loaders.items():
+            metrics.update(evaluate(task, model, loader, split, accelerator))
+        model.eval()
+        with torch.no_grad():
+            metrics.update(task.evaluate_model(unwrapped, step, accelerator, run_dir))
+        model.train()
+    return metrics
 
 
 def _build(task_settings, model_settings, data_settings, optim, smoothing, trainer, seed):
@@ -343,6 +361,7 @@ def train(
 
             # One real optimizer step has happened.
             scheduler.step()
+            task.after_optimizer_step(accelerator.unwrap_model(model))
             step += 1
             progress.update(1)
             if not torch.isfinite(loss.detach()).all():
@@ -376,7 +395,8 @@ def train(
 
             # Evaluate.
             if step % trainer.eval_every == 0 and step != trainer.max_steps:
-                metrics_log.write(step, evaluate(task, model, eval_loaders["val"], "val", accelerator))
+                val_loaders = {"val": eval_loaders["val"]}
+                metrics_log.write(step, evaluate_round(task, model, val_loaders, step, accelerator, run_dir))
 
             # Checkpoint, periodically and at the end, or now when SIGTERM or SIGINT arrived.
             if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == trainer.max_steps):
@@ -391,9 +411,7 @@ def train(
     progress.close()
 
     # Final evaluation on every held-out split, results and weights.
-    final: dict[str, float] = {}
-    for split, loader in eval_loaders.items():
-        final.update(evaluate(task, model, loader, split, accelerator))
+    final = evaluate_round(task, model, eval_loaders, step, accelerator, run_dir)
     metrics_log.write(step, final)
 
     if main:
@@ -409,5 +427,10 @@ def train(
     if trainer.save_model:
         accelerator.wait_for_everyone()
         accelerator.save_model(model, run_dir, safe_serialization=True)
+        extra = task.extra_weights(accelerator.unwrap_model(model))
+        if main:
+            for name, state in extra.items():
+                tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
+                save_file(tensors, run_dir / f"{name}.safetensors")
     accelerator.end_training()
     return final
