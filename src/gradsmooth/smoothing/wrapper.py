@@ -239,7 +239,9 @@ class SmoothedOptimizer(torch.optim.Optimizer):
     def _smooth_updates(self) -> None:
         # The snapshot buffers become D_r = (1 - c) theta_old - theta' in place, with c = lr * wd
         # where decay is decoupled (else c = 0). This is minus the update with the decay taken
-        # out, so theta' + D_r = (1 - c) theta_old, the decayed old parameters.
+        # out, so theta' + D_r = (1 - c) theta_old, the decayed old parameters. Scaling the snapshot
+        # before the subtraction saves a pass; it rounds at the parameters' precision, as the base
+        # step's own "param *= 1 - lr * wd" does.
         residuals = self._snapshots
         for factor, take in self._decay:
             torch._foreach_mul_(take(residuals), 1.0 - factor)
