@@ -702,6 +702,20 @@ def render_section(result: dict) -> list[str]:
                 seconds = statistics.median(pass_samples[name])
                 lines.append(f"| {name} | {timing_cell(pass_samples[name])} | {seconds / copy_seconds:.1f} | | | | |")
         lines.append("")
+        slow = [
+            label
+            for label in SMOOTHING_VARIANTS
+            if passes["pass_bytes"][label] / statistics.median(pass_samples[f"fast {label}"]) / copy_bandwidth
+            < TARGET_BANDWIDTH_FRACTION
+        ]
+        if slow:
+            lines += [
+                f"Below {TARGET_BANDWIDTH_FRACTION:.0%} of copy bandwidth here: {', '.join(slow)}. The gradient "
+                "target allocates its mixed copy every step (it keeps no persistent buffer), so its time "
+                "probably includes the cost of fresh pages, which depends on what the allocator has free; "
+                "the update target reuses its buffers.",
+                "",
+            ]
 
     memory = result["memory"]
     lines += [

@@ -267,6 +267,8 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             return
 
         # Transient: the mixed gradients live until they are copied back into .grad.
+        # NOTE: allocating them every step can cost more than the mixing on a CPU when the
+        # allocator hands out fresh pages; the update target reuses its buffers instead.
         mixed = self._mixer.mix(grads)
         if self.config.normalize == "rescale":
             rescale_(mixed, grads)
