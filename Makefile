@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow tables table-vit clean
+.PHONY: help install run test test-slow bench tables table-vit clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ test: $(STAMP) ## Run the test suite without the slow end-to-end checks
 
 test-slow: $(STAMP) ## Run only the slow end-to-end checks (full default runs)
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Time smoothing against its base optimizers, write results/bench/smoothing.md; options in ARGS="..."
+	$(PYTHON) scripts/bench_smoothing.py $(ARGS)
 
 table-vit: $(STAMP) ## Sweep the ViT table (48 runs, about 40 minutes on 2 CPU cores) and write results/vit/
 	$(PYTHON) scripts/run_table.py vit

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -159,3 +160,56 @@ def mix(tensors: Sequence[torch.Tensor], matrix: torch.Tensor) -> list[torch.Ten
     out = [torch.zeros_like(t) for t in tensors]
     add_mixed_([out], [tensors], band_terms(matrix))
     return out
+
+
+@dataclass(frozen=True)
+class FlatTerm:
+    """One fused tensor-list operation of a depth mixture over a flat list of tensors.
+
+    ``out[targets[n]] += coefficient * inputs[sources[n]]`` for every ``n``. A target index occurs
+    at most once in one term, so a CUDA multi-tensor kernel never writes one tensor from two places.
+    """
+
+    offset: int
+    coefficient: float
+    targets: tuple[int, ...]
+    sources: tuple[int, ...]
+
+
+def flat_terms(layouts: Sequence[tuple[torch.Tensor, Sequence[int]]], diagonal: bool = True) -> list[FlatTerm]:
+    """Group the entries of several mixing matrices as terms over one flat tensor list.
+
+    Each layout is ``(matrix, starts)``: the L x L matrix of one stack and, for each of its slots,
+    the flat index of the slot's depth-0 tensor (depth i sits at ``start + i``). Entries with the
+    same (offset, coefficient) share a term across slots and stacks, so a window operator needs
+    about ``window + 1`` fused operations for the whole model. ``diagonal=False`` leaves out the
+    diagonal, for callers that start each output from :func:`diagonal_groups`.
+    """
+    grouped: dict[tuple[int, float], tuple[list[int], list[int]]] = {}
+    for matrix, starts in layouts:
+        for offset, coefficient, rows in band_terms(matrix):
+            if offset == 0 and not diagonal:
+                continue
+            targets, sources = grouped.setdefault((offset, coefficient), ([], []))
+            for start in starts:
+                targets.extend(start + i for i in rows)
+                sources.extend(start + i + offset for i in rows)
+    return [
+        FlatTerm(offset, coefficient, tuple(targets), tuple(sources))
+        for (offset, coefficient), (targets, sources) in grouped.items()
+    ]
+
+
+def diagonal_groups(layouts: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> list[tuple[float, tuple[int, ...]]]:
+    """Group flat indices by their diagonal coefficient, zeros included, as (coefficient, indices).
+
+    With :func:`flat_terms` and ``diagonal=False`` this covers every entry of each matrix once:
+    ``out = diagonal * inputs`` first (which allocates ``out``), then the off-diagonal terms.
+    """
+    grouped: dict[float, list[int]] = defaultdict(list)
+    for matrix, starts in layouts:
+        coefficients = matrix.diagonal().tolist()
+        for start in starts:
+            for i, coefficient in enumerate(coefficients):
+                grouped[float(coefficient)].append(start + i)
+    return [(coefficient, tuple(indices)) for coefficient, indices in grouped.items()]

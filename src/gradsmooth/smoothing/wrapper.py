@@ -6,7 +6,7 @@ the base optimizer's groups and hyperparameters unchanged.
 
 With ``target="update"`` (the form the method describes) one step is:
 
-1. copy the smoothed parameters (one persistent buffer per parameter, allocated once),
+1. copy the smoothed parameters (one persistent buffer per parameter, allocated at the first step),
 2. run the base optimizer's step,
 3. form each block's update ``delta_i = theta'_i - theta_i`` and, with ``decouple_weight_decay``,
    take the decoupled decay ``-lr * wd * theta_i`` out of it,
@@ -18,12 +18,14 @@ With ``target="gradient"`` the gradients are mixed along depth before the base s
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from gradsmooth.smoothing.config import SmoothingConfig
+from gradsmooth.smoothing.flat import FlatMixer, index_getter, rescale_
 from gradsmooth.smoothing.operators import add_mixed_, band_terms, is_identity, mixing_matrix
 from gradsmooth.smoothing.stacks import Stack, find_stacks, format_stack_table
 
@@ -62,7 +64,6 @@ class _StackPlan:
         )
         self.matrix = matrix
         self.mix_terms = band_terms(matrix)
-        self.residual_terms = band_terms(torch.eye(stack.depth, dtype=matrix.dtype) - matrix)
 
 
 class SmoothedOptimizer(torch.optim.Optimizer):
@@ -113,10 +114,22 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             )
 
         self._params = [p for plan in self.plans for slot in plan.slots for p in slot]
-        self._nested_params = self._per_plan(self._params)
         self._owner = self._index_owners()
+        self._decay_groups = self._index_decay_groups()
         self._snapshots: list[torch.Tensor] | None = None
-        self._nested_snapshots: list[list[list[torch.Tensor]]] = []
+
+        # The hot path works on the flat list above: index groups built here once stand for the
+        # per-stack, per-slot loops, so a step runs a few fused tensor-list operations.
+        layouts, residual_layouts, start = [], [], 0
+        for plan in self.plans:
+            starts = []
+            for slot in plan.slots:
+                starts.append(start)
+                start += len(slot)
+            layouts.append((plan.matrix, starts))
+            residual_layouts.append((torch.eye(plan.matrix.shape[0], dtype=plan.matrix.dtype) - plan.matrix, starts))
+        self._mixer = FlatMixer(layouts, len(self._params))
+        self._residual_mixer = FlatMixer(residual_layouts, len(self._params))
 
     def _index_owners(self) -> list[tuple[int, int]]:
         """Map each smoothed parameter to (sub-optimizer index, group index) of its group."""
@@ -126,6 +139,13 @@ class SmoothedOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     where[id(p)] = (opt_index, group_index)
         return [where[id(p)] for p in self._params]
+
+    def _index_decay_groups(self) -> list[tuple[int, int, Callable]]:
+        """List (sub-optimizer index, group index, getter of its smoothed tensors) per group."""
+        members: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, owner in enumerate(self._owner):
+            members[owner].append(index)
+        return [(opt_index, group_index, index_getter(indices)) for (opt_index, group_index), indices in members.items()]
 
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base"):
@@ -188,78 +208,74 @@ class SmoothedOptimizer(torch.optim.Optimizer):
         """Return the startup table of stacks, slots and what is left out."""
         return format_stack_table(model, self.stacks)
 
-    def _decay_factors(self) -> list[float]:
-        """Return ``lr * wd`` of each smoothed parameter's group where decay is decoupled, else 0."""
+    def _decay_factors(self) -> list[tuple[float, Callable]]:
+        """Return ``(lr * wd, getter)`` for each group whose decay is decoupled and not zero.
+
+        The getter picks the group's smoothed tensors from a list ordered like ``self._params``.
+        """
         if not self.config.decouple_weight_decay:
-            return [0.0] * len(self._params)
+            return []
 
         optimizers = sub_optimizers(self.base)
         factors = []
-        for opt_index, group_index in self._owner:
+        for opt_index, group_index, take in self._decay_groups:
             opt = optimizers[opt_index]
             group = opt.param_groups[group_index]
             if has_decoupled_decay(opt, group):
-                factors.append(float(group["lr"]) * float(group.get("weight_decay", 0.0)))
-            else:
-                factors.append(0.0)
+                factor = float(group["lr"]) * float(group.get("weight_decay", 0.0))
+                if factor != 0.0:
+                    factors.append((factor, take))
         return factors
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
         if self._snapshots is None:
+            # Allocated at the first step and reused: the update target's one copy of the smoothed parameters.
             self._snapshots = [torch.empty_like(p) for p in self._params]
-            self._nested_snapshots = self._per_plan(self._snapshots)
         self._decay = self._decay_factors()
         torch._foreach_copy_(self._snapshots, self._params)
 
-    def _per_plan(self, flat: list[torch.Tensor]) -> list[list[list[torch.Tensor]]]:
-        """Split a flat list ordered like ``self._params`` into [plan][slot][depth]."""
-        nested, start = [], 0
-        for plan in self.plans:
-            slots = []
-            for slot in plan.slots:
-                slots.append(flat[start : start + len(slot)])
-                start += len(slot)
-            nested.append(slots)
-        return nested
-
     @torch.no_grad()
     def _smooth_updates(self) -> None:
-        # The snapshot buffers become D = theta_old - theta' = -delta, in place.
+        # The snapshot buffers become D_r = (1 - c) theta_old - theta' in place, with c = lr * wd
+        # where decay is decoupled (else c = 0). This is minus the update with the decay taken
+        # out, so theta' + D_r = (1 - c) theta_old, the decayed old parameters. Scaling the snapshot
+        # before the subtraction saves a pass; it rounds at the parameters' precision, as the base
+        # step's own "param *= 1 - lr * wd" does.
         residuals = self._snapshots
+        for factor, take in self._decay:
+            torch._foreach_mul_(take(residuals), 1.0 - factor)
         torch._foreach_sub_(residuals, self._params)
 
-        # Decoupled decay out of the update: D_r = (1 - c) D - c theta', with c = lr * wd, so that
-        # theta' + D_r = (1 - c) theta_old, the decayed old parameters.
-        by_factor: dict[float, list[int]] = defaultdict(list)
-        for index, factor in enumerate(self._decay):
-            if factor != 0.0:
-                by_factor[factor].append(index)
-        for factor, indices in by_factor.items():
-            decayed = [residuals[i] for i in indices]
-            torch._foreach_mul_(decayed, 1.0 - factor)
-            torch._foreach_add_(decayed, [self._params[i] for i in indices], alpha=-factor)
-
-        params = self._nested_params
-        nested = self._nested_snapshots
         if self.config.normalize == "rescale":
-            for plan, plan_params, plan_residuals in zip(self.plans, params, nested):
-                # theta_new = theta' + D_r + M(delta_r) with delta_r = -D_r, each mixed update rescaled.
-                mixed = [[torch.zeros_like(t) for t in slot] for slot in plan_residuals]
-                add_mixed_(mixed, plan_residuals, plan.mix_terms)
-                flat_mixed = [t for slot in mixed for t in slot]
-                flat_residuals = [t for slot in plan_residuals for t in slot]
-                _rescale_(flat_mixed, flat_residuals)
-                flat_params = [p for slot in plan_params for p in slot]
-                torch._foreach_add_(flat_params, flat_residuals)
-                torch._foreach_sub_(flat_params, flat_mixed)
+            # theta_new = theta' + D_r - s * M(D_r), with s giving each mixed update its block's norm.
+            # NOTE: the mixed updates are one transient copy of the smoothed parameters on top of
+            # the snapshot buffers; normalize=none needs no such copy.
+            mixed = self._mixer.mix(residuals)
+            rescale_(mixed, residuals)
+            torch._foreach_add_(self._params, residuals)
+            torch._foreach_sub_(self._params, mixed)
         else:
             # theta_new = theta' + (I - M) D_r, read from the buffers and written to the parameters.
-            for plan, plan_params, plan_residuals in zip(self.plans, params, nested):
-                add_mixed_(plan_params, plan_residuals, plan.residual_terms)
+            self._residual_mixer.add_(self._params, residuals)
 
     @torch.no_grad()
     def _smooth_gradients(self) -> None:
+        grads = [p.grad for p in self._params]
+        if any(g is None for g in grads):
+            self._smooth_some_gradients()
+            return
+
+        # Transient: the mixed gradients live until they are copied back into .grad.
+        # NOTE: allocating them every step can cost more than the mixing on a CPU when the
+        # allocator hands out fresh pages; the update target reuses its buffers instead.
+        mixed = self._mixer.mix(grads)
+        if self.config.normalize == "rescale":
+            rescale_(mixed, grads)
+        torch._foreach_copy_(grads, mixed)
+
+    def _smooth_some_gradients(self) -> None:
+        """Smooth the slots whose blocks all have a gradient, one stack at a time (the slow path)."""
         for plan in self.plans:
             slots = [slot for slot in plan.slots if all(p.grad is not None for p in slot)]
             # NOTE: a slot where some blocks have no gradient this step is left unsmoothed.
@@ -271,17 +287,8 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             flat_mixed = [g for slot in mixed for g in slot]
             flat_grads = [g for slot in grads for g in slot]
             if self.config.normalize == "rescale":
-                _rescale_(flat_mixed, flat_grads)
+                rescale_(flat_mixed, flat_grads)
             torch._foreach_copy_(flat_grads, flat_mixed)
-
-
-def _rescale_(mixed: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
-    """Scale each ``mixed[i]`` in place to the Frobenius norm of ``reference[i]``."""
-    target_norms = torch._foreach_norm(reference)
-    mixed_norms = torch._foreach_norm(mixed)
-    tiny = torch.finfo(mixed[0].dtype).tiny
-    ratios = [t / m.clamp_min(tiny) for t, m in zip(target_norms, mixed_norms)]
-    torch._foreach_mul_(mixed, ratios)
 
 
 def smooth(
