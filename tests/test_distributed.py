@@ -70,3 +70,13 @@ def test_two_processes_match_one(tmp_path):
     loss_one = [row["train/loss"] for row in rows_one if "train/loss" in row]
     loss_two = [row["train/loss"] for row in rows_two if "train/loss" in row]
     torch.testing.assert_close(torch.tensor(loss_two), torch.tensor(loss_one), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_shards_match_unsharded(tmp_path):
+    """Each rank holds the same shard of every block, so smoothing runs on the local shards."""
+    _run([*TORCHRUN, str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)])
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["max_difference"] < 1e-6
+        assert "normalize=rescale is not supported on FSDP2" in result["rescale"]
+        assert "FSDP1 (FullyShardedDataParallel)" in result["fsdp1"]

@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gradsmooth.smoothing.config import SmoothingConfig
 from gradsmooth.smoothing.flat import FlatMixer, index_getter, rescale_
@@ -114,6 +115,8 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             )
 
         self._params = [p for plan in self.plans for slot in plan.slots for p in slot]
+        self._sharded = check_sharding(self.plans, config)
+        self._checked_holding = False
         self._owner = self._index_owners()
         self._decay_groups = self._index_decay_groups()
         self._snapshots: list[torch.Tensor] | None = None
@@ -161,6 +164,8 @@ class SmoothedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if self.identity:
             return self.base.step(closure)
+        if not self._checked_holding:
+            self._check_holding()
 
         if self.config.target == "gradient":
             loss = None
@@ -227,13 +232,31 @@ class SmoothedOptimizer(torch.optim.Optimizer):
                     factors.append((factor, take))
         return factors
 
+    def _check_holding(self) -> None:
+        """Fail if the optimizer no longer holds the smoothed parameters (FSDP1 swaps in flat ones)."""
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        if any(id(p) not in held for p in self._params):
+            raise NotImplementedError(
+                "the optimizer's parameters were replaced after smoothing was set up, as FSDP1 "
+                "(FullyShardedDataParallel) does with its flat parameters; smoothing supports DDP and "
+                "FSDP2 (torch.distributed.fsdp.fully_shard)"
+            )
+        self._checked_holding = True
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Return the smoothed parameters, as local shards when FSDP2 shards them."""
+        if not self._sharded:
+            return self._params
+        return [local_tensor(p) for p in self._params]
+
     @torch.no_grad()
     def _take_snapshot(self) -> None:
+        params = self._tensors()
         if self._snapshots is None:
             # Allocated at the first step and reused: the update target's one copy of the smoothed parameters.
-            self._snapshots = [torch.empty_like(p) for p in self._params]
+            self._snapshots = [torch.empty_like(p) for p in params]
         self._decay = self._decay_factors()
-        torch._foreach_copy_(self._snapshots, self._params)
+        torch._foreach_copy_(self._snapshots, params)
 
     @torch.no_grad()
     def _smooth_updates(self) -> None:
@@ -242,10 +265,11 @@ class SmoothedOptimizer(torch.optim.Optimizer):
         # out, so theta' + D_r = (1 - c) theta_old, the decayed old parameters. Scaling the snapshot
         # before the subtraction saves a pass; it rounds at the parameters' precision, as the base
         # step's own "param *= 1 - lr * wd" does.
+        params = self._tensors()
         residuals = self._snapshots
         for factor, take in self._decay:
             torch._foreach_mul_(take(residuals), 1.0 - factor)
-        torch._foreach_sub_(residuals, self._params)
+        torch._foreach_sub_(residuals, params)
 
         if self.config.normalize == "rescale":
             # theta_new = theta' + D_r - s * M(D_r), with s giving each mixed update its block's norm.
@@ -253,15 +277,15 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             # the snapshot buffers; normalize=none needs no such copy.
             mixed = self._mixer.mix(residuals)
             rescale_(mixed, residuals)
-            torch._foreach_add_(self._params, residuals)
-            torch._foreach_sub_(self._params, mixed)
+            torch._foreach_add_(params, residuals)
+            torch._foreach_sub_(params, mixed)
         else:
             # theta_new = theta' + (I - M) D_r, read from the buffers and written to the parameters.
-            self._residual_mixer.add_(self._params, residuals)
+            self._residual_mixer.add_(params, residuals)
 
     @torch.no_grad()
     def _smooth_gradients(self) -> None:
-        grads = [p.grad for p in self._params]
+        grads = [None if p.grad is None else local_tensor(p.grad) for p in self._params]
         if any(g is None for g in grads):
             self._smooth_some_gradients()
             return
@@ -281,7 +305,7 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             # NOTE: a slot where some blocks have no gradient this step is left unsmoothed.
             if not slots:
                 continue
-            grads = [[p.grad for p in slot] for slot in slots]
+            grads = [[local_tensor(p.grad) for p in slot] for slot in slots]
             mixed = [[torch.zeros_like(g) for g in slot] for slot in grads]
             add_mixed_(mixed, grads, plan.mix_terms)
             flat_mixed = [g for slot in mixed for g in slot]
@@ -289,6 +313,39 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             if self.config.normalize == "rescale":
                 rescale_(flat_mixed, flat_grads)
             torch._foreach_copy_(flat_grads, flat_mixed)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Return the local shard of an FSDP2 ``DTensor`` (a view that writes through), else ``tensor``."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def check_sharding(plans: list[_StackPlan], config: SmoothingConfig) -> bool:
+    """Return whether the smoothed parameters are FSDP2 ``DTensor`` shards that smoothing supports.
+
+    Mixing along depth is elementwise across the blocks of a slot, so it runs on local shards when
+    every block's tensor of a slot is sharded the same way. Rescaling needs global norms, which
+    local shards do not have, so it is rejected.
+    """
+    params = [p for plan in plans for slot in plan.slots for p in slot]
+    sharded = [isinstance(p, DTensor) for p in params]
+    if not any(sharded):
+        return False
+    if not all(sharded):
+        raise NotImplementedError(
+            "smoothing with FSDP2 needs every smoothed block parameter sharded (fully_shard each block of the stack)"
+        )
+    if config.normalize == "rescale":
+        raise NotImplementedError("smoothing.normalize=rescale is not supported on FSDP2-sharded parameters")
+    for plan in plans:
+        for slot in plan.slots:
+            layouts = {(tuple(p.placements), p.device_mesh, tuple(p.to_local().shape)) for p in slot}
+            if len(layouts) != 1:
+                raise NotImplementedError(
+                    f"smoothing with FSDP2 needs the blocks of stack {plan.path!r} sharded the same way; "
+                    f"one slot has {len(layouts)} different layouts"
+                )
+    return True
 
 
 def smooth(
@@ -310,6 +367,11 @@ def smooth(
 
     if not config.enabled:
         return optimizer
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        raise NotImplementedError(
+            "smoothing does not support FSDP1 (FullyShardedDataParallel) flat parameters; "
+            "use DDP or FSDP2 (torch.distributed.fsdp.fully_shard)"
+        )
 
     stacks = find_stacks(model, config.stacks or None, matrices_only=config.params == "matrices")
     if not stacks:
