@@ -530,8 +530,8 @@ def render_targets(result: dict) -> list[str]:
     step = result["training_step"]
     step_samples = step["samples"]
     base_step = statistics.median(step_samples["AdamW"])
-    smoothed_step = statistics.median(step_samples["AdamW + update, window 3"])
-    added = smoothed_step - base_step
+    # From the paired ratio, which drifts in machine load cancel out of, not from a difference of medians.
+    added = (s["step_ratio"] - 1.0) * base_step
     gradient_transient_ok = s["gradient_persistent"] == 0
     update_memory_ok = s["update_extra"] is not None and s["update_extra"] <= s["smoothed_bytes"] * 1.01
 
@@ -563,7 +563,8 @@ def render_targets(result: dict) -> list[str]:
         per_token = base_step / step["tokens"]
         break_even = added / ((TARGET_STEP_RATIO - 1) * per_token) if per_token > 0 else float("inf")
         gaps.append(
-            f"- **Whole step.** Smoothing adds {ms(added)} ms to a {ms(base_step)} ms step of "
+            f"- **Whole step.** Smoothing adds about {ms(added)} ms (the median paired ratio times the "
+            f"median time) to a {ms(base_step)} ms step of "
             f"{step['tokens']:,} tokens. That is a fixed cost per optimizer step: the pass alone takes "
             f"{ms(s['pass_seconds'])} ms, {s['pass_seconds'] / s['copy_seconds']:.1f} times a copy of the "
             f"{s['smoothed_bytes'] / 1e6:.0f} MB of smoothed parameters, while the forward and backward pass "
@@ -761,6 +762,19 @@ def render_page(results: dict[str, dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def write_page(output_dir: Path) -> Path:
+    """Render ``smoothing.md`` in ``output_dir`` from every ``smoothing-<device>.json`` there."""
+    results = {}
+    for path in sorted(output_dir.glob("smoothing-*.json")):
+        loaded = json.loads(path.read_text())
+        results[loaded["device"]] = loaded
+    if not results:
+        raise SystemExit(f"no smoothing-<device>.json in {output_dir}; run the benchmark first")
+    page = output_dir / "smoothing.md"
+    page.write_text(render_page(results))
+    return page
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
@@ -770,6 +784,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test, not a measurement")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default: 7, 3 with --quick)")
+    parser.add_argument(
+        "--render", action="store_true",
+        help="rewrite the page from the raw JSON files in the output directory, without measuring",
+    )
     parser.add_argument(
         "--output-dir", type=Path, default=None,
         help="where the page and raw JSON go (default: results/bench, runs/bench-quick with --quick)",
@@ -800,6 +818,9 @@ def main(argv: list[str] | None = None) -> Path:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
+    if args.render:
+        return write_page(output_dir)
+
     clock = Clock(device)
     started = time.perf_counter()
     load_before = load_average()
@@ -818,12 +839,7 @@ def main(argv: list[str] | None = None) -> Path:
     result["seconds"] = time.perf_counter() - started
 
     (output_dir / f"smoothing-{device.type}.json").write_text(json.dumps(result, indent=1) + "\n")
-    results = {}
-    for path in sorted(output_dir.glob("smoothing-*.json")):
-        loaded = json.loads(path.read_text())
-        results[loaded["device"]] = loaded
-    page = output_dir / "smoothing.md"
-    page.write_text(render_page(results))
+    page = write_page(output_dir)
     log(f"wrote {page} after {result['seconds']:.0f} s")
     for line in render_targets(result):
         print(line)

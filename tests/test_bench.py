@@ -36,6 +36,7 @@ def test_quick_run_writes_page(tmp_path):
     assert all(len(values) == 2 for values in raw["smoothing_pass"]["4"]["samples"].values())
     assert raw["memory"]["variants"]["gradient, window 3"]["persistent"] == 0
     assert raw["memory"]["variants"]["update, window 3"]["persistent"] == raw["memory"]["smoothed_bytes"]
+    assert bench.main(["--render", "--output-dir", str(tmp_path)]).read_text() == text
 
 
 def test_pass_bytes_counts_kernels():
