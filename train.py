@@ -53,8 +53,10 @@ def main(cfg: DictConfig) -> float:
         log.error("invalid config: %s", error)
         sys.exit(2)
 
-    print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith("test/")))
-    metric = final.get(f"test/{'acc' if 'test/acc' in final else 'loss'}")
+    # Tasks without a test split (task=lm) report their validation metrics.
+    split = "test" if any(key.startswith("test/") for key in final) else "val"
+    print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith(f"{split}/")))
+    metric = final.get(f"{split}/{'acc' if f'{split}/acc' in final else 'loss'}")
     return float(metric) if metric is not None else float("nan")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ class Task(ABC):
     batches. ``eval_step`` returns per-example values (1-D tensors); the loop gathers them across
     processes, sums each key over the split and passes the totals to :meth:`eval_metrics`.
     ``metric`` names the result its paper table reports, ``metric_mode`` whether higher is better.
+    ``units_per_example`` maps a unit to its count per training example (``{"tokens": 256}`` for
+    sequences of 256 targets); the loop logs ``perf/<unit>_per_s`` for each.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Task(ABC):
     eval_datasets: dict[str, Dataset]
     batch_size: int
     eval_batch_size: int
+    units_per_example: dict[str, int] = {}
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...
@@ -53,3 +57,6 @@ class Task(ABC):
 
     @abstractmethod
     def eval_metrics(self, totals: dict[str, float], split: str) -> dict[str, float]: ...
+
+    def after_training(self, model: nn.Module, run_dir: Path) -> None:
+        """Run once on the main process after the final evaluation (e.g. write samples); does nothing by default."""

@@ -230,6 +230,8 @@ def train(
                     "perf/steps_per_s": steps_per_s,
                     "perf/examples_per_s": steps_per_s * examples_per_step,
                 }
+                for unit, per_example in task.units_per_example.items():
+                    row[f"perf/{unit}_per_s"] = row["perf/examples_per_s"] * per_example
                 if grad_norm is not None:
                     row["train/grad_norm"] = float(grad_norm)
                 metrics_log.write(step, row)
@@ -251,6 +253,7 @@ def train(
 
     if main:
         write_json(run_dir / "results.json", {"task": task.name, "metric": task.metric, "step": step, **final})
+        task.after_training(accelerator.unwrap_model(model), run_dir)
     if trainer.save_model:
         accelerator.wait_for_everyone()
         accelerator.save_model(model, run_dir, safe_serialization=True)
