@@ -8,6 +8,7 @@ from gradsmooth.tasks.base import Task
 
 TASKS = {
     "vit": "gradsmooth.tasks.vit:VitTask",
+    "lm": "gradsmooth.tasks.lm:LMTask",
 }
 
 
