@@ -368,6 +368,11 @@ def test_missing_text_files(tmp_path):
         _build(*tiny_lm(tmp_path, "data=text_files", f"data.path={tmp_path}/nothing/*.txt"))
 
 
+def test_text_files_without_path(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.path must be a glob of text files"):
+        _build(*tiny_lm(tmp_path, "data=text_files"))
+
+
 def test_empty_text_files(tmp_path):
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text("  \n\n")
@@ -429,9 +434,7 @@ def test_cli_run_and_invalid_value(corpus_dir, tmp_path):
 @pytest.mark.parametrize("model", ["llama_tiny", "gpt2_tiny", "gpt2_small", "nanochat_d12"])
 @pytest.mark.parametrize("data", ["shakespeare", "text_files", "hf_text"])
 def test_configs_compose(model, data):
-    # data=text_files has no default path.
-    extra = ["data.path=/data/*.txt"] if data == "text_files" else []
-    config = validate(compose("task=lm", f"model={model}", f"data={data}", *extra))
+    config = validate(compose("task=lm", f"model={model}", f"data={data}"))
     assert config.model.name == model
     assert config.data.name == data
 

@@ -115,8 +115,6 @@ class TextFilesConfig:
         self.path = [self.path] if isinstance(self.path, str) else list(self.path or [])
         if self.val_path is not None:
             self.val_path = [self.val_path] if isinstance(self.val_path, str) else list(self.val_path)
-        if not self.path:
-            raise ValueError("data.path must be a glob of text files for data=text_files, e.g. data.path='/data/books/*.txt'")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
 
@@ -288,6 +286,9 @@ def _read(path: Path) -> str:
 def load_text_files(config: TextFilesConfig) -> TextSplits:
     """Read the files matched by ``config.path`` and split them into training and validation."""
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    # Checked here rather than in the config, so the config file composes without a path.
+    if not config.path:
+        raise ValueError("data.path must be a glob of text files for data=text_files, e.g. data.path='/data/books/*.txt'")
     files = _expand(config.path, "data.path")
     if config.val_path:
         val_files = _expand(config.val_path, "data.val_path")
@@ -340,7 +341,7 @@ def load_hf_text(config: HFTextConfig) -> TextSplits:
     if config.shuffle_seed is not None:
         train_data = train_data.shuffle(seed=config.shuffle_seed, **({"buffer_size": 10_000} if config.streaming else {}))
 
-    documents = (row[config.text_column] for row in train_data)
+    documents = (_text_of(row, config.text_column) for row in train_data)
     val: List[str] = []
     if config.val_split is None:
         for text in documents:
@@ -349,7 +350,7 @@ def load_hf_text(config: HFTextConfig) -> TextSplits:
                 break
     else:
         for row in open_split(config.val_split):
-            val.append(row[config.text_column])
+            val.append(_text_of(row, config.text_column))
             if len(val) == config.val_documents:
                 break
 
@@ -363,6 +364,13 @@ def load_hf_text(config: HFTextConfig) -> TextSplits:
     if not train or not val:
         raise ValueError(f"data.path {config.path!r} gives {len(train)} training and {len(val)} validation documents; both must be non-empty")
     return TextSplits(train, val, cache_dir, f"hf_text {config.path}: {len(train)} training and {len(val)} validation documents")
+
+
+def _text_of(row: dict, column: str) -> str:
+    # Streamed data sets may not know their columns before the first row, so check each row.
+    if column not in row:
+        raise ValueError(f"data.text_column must be one of {sorted(row)}; got {column!r}")
+    return row[column]
 
 
 def load_text_splits(config) -> TextSplits:

@@ -1,6 +1,6 @@
 """Language-model pretraining: a decoder-only transformer trained on next-token prediction.
 
-The embedded default trains a 6-block Llama-style model (width 128, about 1.6M parameters) with a
+The embedded default trains a 6-block Llama-style model (width 128, about 1.8M parameters) with a
 2,048-token byte-level BPE on Shakespeare's works, holding out Hamlet, Twelfth Night, Julius
 Caesar, The Winter's Tale and the Sonnets for validation. ``data=hf_text`` reads FineWeb-Edu or
 any text data set through ``datasets``. ``+experiment=lm_d12_fineweb_muon`` is the paper-scale
@@ -21,13 +21,14 @@ Deviations from the paper (Meng, Sugolov and Papyan, arXiv 2606.30813) and from 
 nanochat-based setup:
 
 1. The default corpus is about 5 MB of Shakespeare with a 2,048-token BPE, not FineWeb-Edu with a
-   65,536-token vocabulary, and the default model has 1.6M parameters, so losses are not
+   65,536-token vocabulary, and the default model has 1.8M parameters, so losses are not
    comparable to the paper's.
 2. The nanochat-style model is approximated by ``LlamaForCausalLM`` (``model=nanochat_d12``): it
    uses a SwiGLU MLP instead of ReLU², RMSNorm with learned scales, and no QK normalisation or
    logit soft-capping.
 3. The schedule is linear warmup then cosine decay (``optim.schedule``), not nanochat's
-   constant-then-linear-warmdown schedule.
+   constant-then-linear-warmdown schedule, and one AdamW learning rate serves the embeddings and
+   the output layer, which nanochat gives separate rates.
 4. The BPE is trained with ``tokenizers``' byte-level BPE on the training split, not with
    nanochat's tokenizer on FineWeb-Edu.
 """
