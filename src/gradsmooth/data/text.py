@@ -313,7 +313,11 @@ def load_text_files(config: TextFilesConfig) -> TextSplits:
 
 
 def load_hf_text(config: HFTextConfig) -> TextSplits:
-    """Read documents with ``datasets.load_dataset`` (map-style or streaming)."""
+    """Read documents with ``datasets.load_dataset`` (map-style or streaming).
+
+    Every selected document is later tokenised in memory before training (4 bytes per token), so
+    ``max_train_documents`` bounds start-up time and memory.
+    """
     import datasets
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()

@@ -1,7 +1,9 @@
 """Decoder-only language models from ``transformers`` configs, randomly initialised.
 
 ``arch=llama`` builds a ``LlamaForCausalLM`` (RoPE, RMSNorm, SwiGLU MLP, no biases) and
-``arch=gpt2`` a ``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU MLP, biases). The vocabulary
+``arch=gpt2`` a ``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU MLP, biases). GPT-2 stores
+its projections as ``Conv1D`` weights of shape (in, out), the transpose of ``nn.Linear``, so
+Muon's shape-based learning-rate adjustment sees rows and columns swapped for ``arch=gpt2``. The vocabulary
 size comes from the tokenizer unless the config fixes it, in which case the two must agree.
 """
 
@@ -133,6 +135,7 @@ def build_causal_lm(config: CausalLMConfig, vocab_size: int, eos_token_id: int) 
     model = AutoModelForCausalLM.from_config(transformers_config(config, vocab_size, eos_token_id))
     if config.compile:
         # In place, so parameter names and stack discovery see the plain module.
+        # NOTE: no test exercises compile (the test machines are CPU-only); it is meant for GPU runs.
         model.compile()
     return model
 
