@@ -124,9 +124,11 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
             log.exception("job failed; the sweep goes on")
         return float("nan")
 
+    # Tasks without a test split (task=lm) report their validation metrics.
+    split = "test" if any(key.startswith("test/") for key in final) else "val"
     if is_main:
-        print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith(("test/", "sample/"))))
-    metric = final.get("test/acc", final.get("test/loss"))
+        print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith((f"{split}/", "sample/"))))
+    metric = next((final[key] for key in ("test/acc", "test/loss", "val/bpb", "val/loss") if key in final), None)
     return float(metric) if metric is not None else float("nan")
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_config
 from gradsmooth.tasks.diffusion.task import DiffusionTask
+from gradsmooth.tasks.lm import LMTask
 from gradsmooth.tasks.vit import VitTask
 from gradsmooth.training.checkpoint import complete_checkpoints, resolve_resume
 from gradsmooth.training.errors import ConfigError
@@ -24,6 +25,22 @@ RUNNERS = {
     "vit": (
         VitTask,
         ["task=vit", "model.depth=3", "model.embed_dim=16", "model.num_heads=2", "data.batch_size=512"],
+    ),
+    "lm": (
+        LMTask,
+        [
+            "task=lm",
+            "data=text_files",
+            "model.n_layer=3",
+            "model.d_model=32",
+            "model.n_head=2",
+            "task.tokenizer.vocab_size=512",
+            "task.sample_tokens=8",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "data.eval_batch_size=8",
+            "data.val_tokens=256",
+        ],
     ),
     "diffusion": (
         DiffusionTask,
@@ -78,6 +95,14 @@ def test_kill_and_resume_is_exact(runner, tmp_path, monkeypatch):
     overrides = [*settings, *COMMON]
     if runner == "diffusion":
         overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
+    if runner == "lm":
+        from test_lm import make_text
+
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for index in range(6):
+            (corpus / f"book{index}.txt").write_text(make_text(index + 10, lines=300), encoding="utf-8")
+        overrides += [f"data.path={corpus}/*.txt", f"data.cache_dir={tmp_path / 'cache'}"]
     full = run_config(*overrides, run_dir=tmp_path / "full")
 
     # Killed during step 5 (micro-batch 9 of 12), after the checkpoint of step 3.

@@ -17,6 +17,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsmooth.data.images import DigitsConfig
+from gradsmooth.data.text import HFTextConfig, ShakespeareConfig, TextFilesConfig
+from gradsmooth.models.causal_lm import CausalLMConfig
 from gradsmooth.optim import OptimConfig
 from gradsmooth.smoothing import SmoothingConfig
 from gradsmooth.tasks.diffusion.config import DiTModelConfig
@@ -47,6 +49,10 @@ def register_configs() -> None:
     store.store(group="model", name="vit_schema", node=ViTModelConfig)
     store.store(group="model", name="dit_schema", node=DiTModelConfig)
     store.store(group="data", name="digits_schema", node=DigitsConfig)
+    store.store(group="model", name="causal_lm_schema", node=CausalLMConfig)
+    store.store(group="data", name="shakespeare_schema", node=ShakespeareConfig)
+    store.store(group="data", name="text_files_schema", node=TextFilesConfig)
+    store.store(group="data", name="hf_text_schema", node=HFTextConfig)
     try:
         from gradsmooth.data.hf_images import HFImagesConfig
     except ImportError:  # pragma: no cover - the module ships with the package

@@ -9,6 +9,7 @@ from gradsmooth.tasks.base import Task
 TASKS = {
     "vit": "gradsmooth.tasks.vit:VitTask",
     "diffusion": "gradsmooth.tasks.diffusion.task:DiffusionTask",
+    "lm": "gradsmooth.tasks.lm:LMTask",
 }
 
 

@@ -38,6 +38,9 @@ class Task(ABC):
     of the whole model, such as sample quality, once per evaluation round) and
     :meth:`extra_weights` (more state dicts saved next to ``model.safetensors``). The loop passes
     these hooks the unwrapped model, never the Accelerate/DDP wrapper.
+
+    ``units_per_example`` maps a unit to its count per training example (``{"tokens": 256}`` for
+    sequences of 256 targets); the loop logs ``perf/<unit>_per_s`` for each.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Task(ABC):
     eval_datasets: dict[str, Dataset]
     batch_size: int
     eval_batch_size: int
+    units_per_example: dict[str, int] = {}
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...
@@ -91,3 +95,6 @@ class Task(ABC):
     def extra_weights(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """Return named state dicts that the loop saves as ``<name>.safetensors`` next to the model."""
         return {}
+
+    def after_training(self, model: nn.Module, run_dir: Path) -> None:
+        """Run once on the main process after the final evaluation (e.g. write samples); does nothing by default."""

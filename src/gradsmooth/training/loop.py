@@ -385,6 +385,8 @@ def train(
                     "perf/steps_per_s": steps_per_s,
                     "perf/examples_per_s": steps_per_s * examples_per_step,
                 }
+                for unit, per_example in task.units_per_example.items():
+                    row[f"perf/{unit}_per_s"] = row["perf/examples_per_s"] * per_example
                 if grad_norm is not None:
                     row["train/grad_norm"] = float(grad_norm)
                 metrics_log.write(step, row)
@@ -424,6 +426,7 @@ def train(
             import wandb
 
             accelerator.get_tracker("wandb", unwrap=True).log({"plots/curves": wandb.Image(str(run_dir / "curves.png"))})
+        task.after_training(accelerator.unwrap_model(model), run_dir)
     if trainer.save_model:
         accelerator.wait_for_everyone()
         accelerator.save_model(model, run_dir, safe_serialization=True)
