@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradsmooth.smoothing import SmoothingConfig, find_stacks, is_identity, mixing_matrix
+from gradsmooth.smoothing import SmoothingConfig, find_stacks, is_identity
 from gradsmooth.smoothing.wrapper import has_decoupled_decay, sub_optimizers
 
 
@@ -27,15 +27,7 @@ class ReferenceSmoothing:
         stacks = find_stacks(model, config.stacks or None, matrices_only=config.params == "matrices")
         self.slots: list[tuple[list[list[float]], list[nn.Parameter]]] = []
         for stack in stacks:
-            matrix = mixing_matrix(
-                stack.depth,
-                operator=config.operator,
-                window=config.window,
-                alpha=config.alpha,
-                kernel=config.kernel,
-                decay=config.decay,
-                direction=config.direction,
-            ).tolist()
+            matrix = config.mixing_matrix(stack.depth).tolist()
             for params in stack.slots.values():
                 if all(id(p) in held for p in params):
                     self.slots.append((matrix, params))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradsmooth.smoothing import SmoothedOptimizer, SmoothingConfig, mixing_matrix, smooth
+from gradsmooth.smoothing import SmoothedOptimizer, SmoothingConfig, smooth
 
 DEPTH = 4
 WIDTH = 8
@@ -112,15 +112,7 @@ def params_differ(left: nn.Module, right: nn.Module) -> bool:
 
 
 def config_matrix(config: SmoothingConfig, depth: int = DEPTH) -> torch.Tensor:
-    return mixing_matrix(
-        depth,
-        operator=config.operator,
-        window=config.window,
-        alpha=config.alpha,
-        kernel=config.kernel,
-        decay=config.decay,
-        direction=config.direction,
-    )
+    return config.mixing_matrix(depth)
 
 
 # --- identity -------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gradsmooth.smoothing.operators import DIRECTIONS, KERNELS, OPERATORS
+import torch
+
+from gradsmooth.smoothing.operators import DIRECTIONS, KERNELS, OPERATORS, mixing_matrix
 
 TARGETS = ("update", "gradient")
 NORMALIZATIONS = ("none", "rescale")
@@ -75,3 +77,15 @@ class SmoothingConfig:
     @property
     def enabled(self) -> bool:
         return self.operator != "none"
+
+    def mixing_matrix(self, depth: int) -> torch.Tensor:
+        """Return the float64 depth-mixing matrix these settings give a stack of ``depth`` blocks."""
+        return mixing_matrix(
+            depth,
+            operator=self.operator,
+            window=self.window,
+            alpha=self.alpha,
+            kernel=self.kernel,
+            decay=self.decay,
+            direction=self.direction,
+        )

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from gradsmooth.smoothing.config import SmoothingConfig
 from gradsmooth.smoothing.flat import FlatMixer, index_getter, rescale_
-from gradsmooth.smoothing.operators import add_mixed_, band_terms, is_identity, mixing_matrix
+from gradsmooth.smoothing.operators import add_mixed_, band_terms, is_identity
 from gradsmooth.smoothing.stacks import Stack, find_stacks, format_stack_table
 
 
@@ -54,15 +54,7 @@ class _StackPlan:
     def __init__(self, stack: Stack, slots: list[list[nn.Parameter]], config: SmoothingConfig):
         self.path = stack.path
         self.slots = slots
-        matrix = mixing_matrix(
-            stack.depth,
-            operator=config.operator,
-            window=config.window,
-            alpha=config.alpha,
-            kernel=config.kernel,
-            decay=config.decay,
-            direction=config.direction,
-        )
+        matrix = config.mixing_matrix(stack.depth)
         self.matrix = matrix
         self.mix_terms = band_terms(matrix)
 
