@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench tables table-vit clean
+.PHONY: help install run test test-slow bench tables table-vit table-lm table-diffusion clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -30,7 +30,13 @@ bench: $(STAMP) ## Time smoothing against its base optimizers, write results/ben
 table-vit: $(STAMP) ## Sweep the ViT table (48 runs, about 40 minutes on 2 CPU cores) and write results/vit/
 	$(PYTHON) scripts/run_table.py vit
 
-tables: table-vit ## Rebuild every table from new sweeps
+table-lm: $(STAMP) ## Sweep the LM table (12 runs, about 45 minutes on 2 CPU cores) and write results/lm/
+	$(PYTHON) scripts/run_table.py lm
+
+table-diffusion: $(STAMP) ## Sweep the diffusion table (12 runs, about 45 minutes on 2 CPU cores) and write results/diffusion/
+	$(PYTHON) scripts/run_table.py diffusion
+
+tables: table-vit table-lm table-diffusion ## Rebuild every table from new sweeps
 
 clean: ## Remove run directories and caches (keeps .venv)
 	rm -rf runs multirun .pytest_cache

@@ -16,17 +16,42 @@ from conftest import CONFIG_DIR, ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tables  # noqa: E402
+from test_lm import make_text  # noqa: E402
 
-TINY = [
+TINY_VIT = ["model.depth=2", "model.embed_dim=16", "model.num_heads=2"]
+TINY_TRAINER = [
     "trainer.max_steps=2",
     "trainer.eval_every=1",
     "trainer.log_every=1",
     "trainer.progress_bar=false",
     "trainer.save_model=false",
-    "model.depth=2",
-    "model.embed_dim=16",
-    "model.num_heads=2",
 ]
+TINY = [*TINY_TRAINER, *TINY_VIT]
+# Tiny models and data for the other tasks' sweep files.
+TINY_TASK = {
+    "lm": [
+        "model.n_layer=2",
+        "model.d_model=32",
+        "model.n_head=2",
+        "task.tokenizer.vocab_size=512",
+        "task.sample_tokens=4",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.eval_batch_size=8",
+        "data.val_tokens=256",
+    ],
+    "diffusion": [
+        "model.num_layers=2",
+        "model.num_attention_heads=2",
+        "model.attention_head_dim=8",
+        "data.batch_size=16",
+        "task.num_samples=16",
+        "task.sample_batch_size=8",
+        "task.sample_steps=2",
+        "task.grid_size=4",
+        "task.classifier_steps=20",
+    ],
+}
 
 
 def _multirun(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -60,7 +85,15 @@ SWEEPS = sorted(path.stem for path in (CONFIG_DIR / "sweep").glob("*.yaml"))
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweep_file_runs(sweep, tmp_path):
     """Every job of the sweep runs 2 steps on a tiny model; paper sweeps read a local parquet set."""
-    overrides = [f"sweep={sweep}", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    overrides = [f"sweep={sweep}", *TINY_TRAINER, *TINY_TASK.get(sweep, TINY_VIT), f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    if sweep == "lm":
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for index in range(4):
+            (corpus / f"book{index}.txt").write_text(make_text(index + 10, lines=200), encoding="utf-8")
+        overrides += ["data=text_files", f"data.path={corpus}/*.txt", f"data.cache_dir={tmp_path / 'cache'}"]
+    if sweep == "diffusion":
+        overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
     if sweep.endswith("_paper"):
         _write_image_parquet(tmp_path / "data")
         overrides += [
