@@ -20,11 +20,12 @@ from gradsmooth.training.checkpoint import complete_checkpoints, resolve_resume
 from gradsmooth.training.errors import ConfigError
 
 # Per runner: the class whose training_step the simulated kill interrupts, and tiny settings.
-# Batches of 512 make an epoch of 2 batches, so the runs cross epoch boundaries.
+# Image batches of 256 make an epoch of 4 batches, so the runs cross epoch boundaries and the
+# checkpoint of step 3 (6 micro-batches) falls in the middle of an epoch.
 RUNNERS = {
     "vit": (
         VitTask,
-        ["task=vit", "model.depth=3", "model.embed_dim=16", "model.num_heads=2", "data.batch_size=512"],
+        ["task=vit", "model.depth=3", "model.embed_dim=16", "model.num_heads=2", "data.batch_size=256"],
     ),
     "lm": (
         LMTask,
@@ -49,7 +50,7 @@ RUNNERS = {
             "model.num_layers=2",
             "model.attention_head_dim=8",
             "model.num_attention_heads=2",
-            "data.batch_size=512",
+            "data.batch_size=256",
             "task.num_samples=16",
             "task.sample_batch_size=8",
             "task.sample_steps=2",

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -90,6 +90,32 @@ class TrainerConfig:
             )
 
 
+class SeededSamples(Dataset):
+    """A training set whose random augmentation is seeded per sample from (seed, epoch, index).
+
+    Augmentations that draw from torch's global RNG would otherwise depend on when a batch is
+    produced. Accelerate's loader fetches one batch ahead, so after a resume the batch after the
+    checkpoint would be augmented from another RNG state; worker processes would differ too.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int):
+        # Only the CPU generator: torch.manual_seed would also reset the GPUs' RNG on every sample.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+            return self.dataset[index]
+
+
 class BatchStream:
     """Training batches forever, one pass over the loader per epoch, with a restorable position.
 
@@ -98,9 +124,10 @@ class BatchStream:
     taken, under a forked RNG, so the global RNG state from the checkpoint is left untouched.
     """
 
-    def __init__(self, loader, generator: torch.Generator):
+    def __init__(self, loader, generator: torch.Generator, samples: Dataset | None = None):
         self.loader = loader
         self.generator = generator
+        self.samples = samples
         self.epoch = 0
         self.position = 0
         self.epoch_start_state = generator.get_state()
@@ -123,6 +150,8 @@ class BatchStream:
     def _start_epoch(self) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(self.epoch)
+        if isinstance(self.samples, SeededSamples):
+            self.samples.set_epoch(self.epoch)
         self.epoch_start_state = self.generator.get_state()
         self._iterator = iter(self.loader)
 
@@ -136,8 +165,10 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
         self.generator.set_state(generator_state_from_list(state["epoch_start_generator_state"]))
-        self._start_epoch()
+        # Starting the epoch draws the loader's base seed, which the interrupted run drew before
+        # its checkpoint; so the restart and the skipped batches run under a forked RNG.
         with torch.random.fork_rng(devices=[]):
+            self._start_epoch()
             for _ in range(state["position"]):
                 next(self._iterator)
         self.position = state["position"]
@@ -189,7 +220,7 @@ def _build(task_settings, model_settings, data_settings, optim, smoothing, train
     model = task.build_model()
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
-        task.train_dataset,
+        SeededSamples(task.train_dataset, seed),
         batch_size=task.batch_size,
         shuffle=True,
         drop_last=True,
@@ -291,7 +322,7 @@ def train(
         }
         accelerator.init_trackers(logger.project, config=run_info.get("config"), init_kwargs={"wandb": wandb_settings})
     metrics_log = MetricsLog(run_dir, enabled=main, accelerator=accelerator)
-    batches = BatchStream(train_loader, generator)
+    batches = BatchStream(train_loader, generator, train_loader.dataset)
     step = 0
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = 0
@@ -336,7 +367,8 @@ def train(
         )
 
     stop = StopSignal(accelerator)
-    last_log_time, last_log_step = time.perf_counter(), 0
+    # Throughput counts from here, so the first line after a resume is not inflated.
+    last_log_time, last_log_step = time.perf_counter(), step
     # disable=None lets tqdm hide the bar when stderr is not a terminal (CI logs, SLURM files).
     show_bar = main and trainer.progress_bar
     progress = tqdm(total=trainer.max_steps, disable=None if show_bar else True, desc=task.name, dynamic_ncols=True)
