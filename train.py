@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -75,6 +76,39 @@ def _shared_run_dir(own: Path, cpu: bool) -> tuple[Path, bool]:
     return shared, state.is_main_process
 
 
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _write_record(cfg: DictConfig, run_dir: Path) -> None:
+    """Write the resolved config and the environment; a resume keeps the first run's and adds its own.
+
+    A resumed run in the same directory writes ``config.resume-<time>.yaml`` and
+    ``environment.resume-<time>.json`` next to the originals and warns about every setting
+    that differs from the original run's.
+    """
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    original = run_dir / "config.yaml"
+    if not original.exists():
+        original.write_text(resolved)
+        write_json(run_dir / "environment.json", collect_environment())
+        return
+
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    (run_dir / f"config.resume-{stamp}.yaml").write_text(resolved)
+    write_json(run_dir / f"environment.resume-{stamp}.json", collect_environment())
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(original)))
+    after = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k != "trainer.resume")
+    if changed:
+        log.warning("the resumed run differs from the original run (config.yaml) in: %s", ", ".join(changed))
+
+
 def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
     """Validate ``cfg``, train in ``run_dir`` and return the task's final metric.
 
@@ -89,8 +123,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
             claim_run_dir(run_dir, resume=config.trainer.resume)
             # A resumed run replaces the record of the attempt that failed in this directory.
             (run_dir / FAILURE_FILE).unlink(missing_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            write_json(run_dir / "environment.json", collect_environment())
+            _write_record(cfg, run_dir)
             log.info("run directory: %s", run_dir)
 
         final = train(
