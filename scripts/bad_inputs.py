@@ -226,7 +226,7 @@ def write_page(path: Path) -> None:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         shown = " ".join(case.overrides) or case.name
-        message = message.replace(str(workdir), "<tmp>").replace("|", "\\|")
+        message = message.replace(str(workdir), "<tmp>").replace(str(ROOT), "<repo>").replace("|", "\\|")
         if len(message) > 300:
             message = message[:300] + " …"
         lines.append(f"| {number} | {case.category} | {case.name}: `{shown}` | {kind}: {message} |")

@@ -43,6 +43,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     error: str | None = None
     settings: dict = field(default_factory=dict)
+    task: str = "?"
 
 
 def variant_label(smoothing: dict) -> str:
@@ -81,6 +82,7 @@ def load_run(path: Path) -> Run | None:
         seed=int(config.get("seed", 0)),
         status="incomplete",
         settings=_flatten({k: v for k, v in config.items() if k not in ("seed", "hydra")}),
+        task=str(config.get("task", {}).get("name", "?")),
     )
 
     results_file, failure_file = path / "results.json", path / "failure.json"
@@ -364,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = find_runs(sweep_dir)
     if not runs:
         raise SystemExit(f"no run directory (with .hydra/config.yaml) found under {sweep_dir}")
+    tasks = {run.task for run in runs}
+    if tasks != {args.task}:
+        raise SystemExit(f"the runs under {sweep_dir} are of task(s) {sorted(tasks)}, not {args.task!r}")
     out_dir = args.out or ROOT / "results" / args.task
     write_tables(args.task, sweep_dir, runs, out_dir)
     print(f"wrote {out_dir / 'table.md'}, table.csv and curves.png from {len(runs)} runs")

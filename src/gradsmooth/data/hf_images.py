@@ -258,8 +258,16 @@ def _load_splits(config: HFImagesConfig) -> Dict[str, object]:
         kwargs["data_files"] = dict(config.data_files)
     if config.cache_dir is not None:
         kwargs["cache_dir"] = config.cache_dir
-    builder = load_dataset_builder(config.path, **kwargs)
-    builder.download_and_prepare()
+    try:
+        builder = load_dataset_builder(config.path, **kwargs)
+        builder.download_and_prepare()
+    except (ConnectionError, OSError) as error:
+        # The hub is unreachable (offline machine) or a local path is missing.
+        raise ValueError(
+            f"data.path={config.path!r} could not be loaded: {type(error).__name__}: {str(error).rstrip('.')}. "
+            "Point data.path at a local directory of parquet files or an image folder, or download "
+            "the data set where the hub is reachable"
+        ) from error
 
     available = builder.info.splits
     requested = {"train_split": config.train_split, "test_split": config.test_split}
