@@ -27,7 +27,7 @@ test-slow: $(STAMP) ## Run only the slow end-to-end checks (full default runs)
 bench: $(STAMP) ## Time smoothing against its base optimizers, write results/bench/smoothing.md; options in ARGS="..."
 	$(PYTHON) scripts/bench_smoothing.py $(ARGS)
 
-table-vit: $(STAMP) ## Sweep the ViT table (48 runs, about 40 minutes on 2 CPU cores) and write results/vit/
+table-vit: $(STAMP) ## Sweep the ViT table (48 runs, about an hour on 2 CPU cores) and write results/vit/
 	$(PYTHON) scripts/run_table.py vit
 
 table-lm: $(STAMP) ## Sweep the LM table (12 runs, about 45 minutes on 2 CPU cores) and write results/lm/
