@@ -53,7 +53,7 @@ def _shared_run_dir(own: Path, cpu: bool) -> tuple[Path, bool]:
     """Return rank 0's run directory on every process of a multi-process launch, and whether this is rank 0.
 
     Under torchrun each rank composes its own Hydra run directory. The other ranks drop theirs
-    (it only holds their log file), log warnings and errors to the console only, and write
+    (it contains only their log file), log warnings and errors to the console only, and write
     nothing; rank 0 writes logs, metrics and results.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:

@@ -110,7 +110,7 @@ def test_cli_run_directory(tmp_path):
     environment = json.loads((run_dir / "environment.json").read_text())
     assert environment["packages"]["torch"].startswith("2.14.1")
 
-    # A second run never writes into a directory that already holds one.
+    # A second run is rejected in a directory that already contains one.
     again = _train_py(*TINY, f"hydra.run.dir={run_dir}")
     assert again.returncode != 0
     assert "already contains a run" in again.stderr + again.stdout

@@ -1,4 +1,4 @@
-"""The smoothing optimizer wrapper: holds state and order, and calls the pure depth operators.
+"""The smoothing optimizer wrapper: it keeps state and order and calls the pure depth operators.
 
 ``SmoothedOptimizer`` is a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the
 base optimizer's own objects, so LR schedulers, Accelerate, Hugging Face ``Trainer`` and TRL see
@@ -64,7 +64,7 @@ class SmoothedOptimizer(torch.optim.Optimizer):
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, Muon, a combined optimizer).
-        stacks: from :func:`find_stacks`; only parameters that ``optimizer`` holds are smoothed.
+        stacks: from :func:`find_stacks`; only parameters in ``optimizer``'s groups are smoothed.
         config: the smoothing settings; ``operator="none"`` is rejected here (use the base).
 
     Not supported: ``target="gradient"`` with optimizers that re-evaluate the closure several
@@ -76,7 +76,7 @@ class SmoothedOptimizer(torch.optim.Optimizer):
             raise ValueError("SmoothedOptimizer needs an operator; use the base optimizer for smoothing.operator=none")
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        # Optimizer.__init__ sets up torch's step hooks and profiling; the groups it builds are then
+        # Optimizer.__init__ sets up torch's step hooks and profiling. The groups it builds are then
         # replaced by the base optimizer's, so both objects share one set of groups and state.
         super().__init__(params, defaults={})
         self.base = optimizer
@@ -225,7 +225,7 @@ class SmoothedOptimizer(torch.optim.Optimizer):
         return factors
 
     def _check_holding(self) -> None:
-        """Fail if the optimizer no longer holds the smoothed parameters (FSDP1 swaps in flat ones)."""
+        """Raise if the smoothed parameters left the optimizer's groups, as FSDP1's flat parameters replace them."""
         held = {id(p) for group in self.param_groups for p in group["params"]}
         if any(id(p) not in held for p in self._params):
             raise NotImplementedError(

@@ -73,7 +73,7 @@ class Task(ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned; a task with no state accepts only an empty dict."""
         if state:
-            raise ValueError(f"task {self.name} keeps no state, but the checkpoint holds {sorted(state)}")
+            raise ValueError(f"task {self.name} keeps no state, but the checkpoint contains task state {sorted(state)}")
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Run after every real optimizer step and LR-schedule step, never after a micro-batch."""

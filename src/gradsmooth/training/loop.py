@@ -166,7 +166,7 @@ class BatchStream:
         self.epoch = state["epoch"]
         self.generator.set_state(generator_state_from_list(state["epoch_start_generator_state"]))
         # Starting the epoch draws the loader's base seed, which the interrupted run drew before
-        # its checkpoint; so the restart and the skipped batches run under a forked RNG.
+        # its checkpoint. So the restart and the skipped batches run under a forked RNG.
         with torch.random.fork_rng(devices=[]):
             self._start_epoch()
             for _ in range(state["position"]):

@@ -83,7 +83,7 @@ class MetricsLog:
     def restore(self, source: Path | None, rows: int) -> None:
         """Start from the first ``rows`` rows of ``source`` (a resumed run) and rewrite ``metrics.jsonl``.
 
-        Rows that the interrupted run logged after its checkpoint are dropped, so the file holds each
+        Rows that the interrupted run logged after its checkpoint are dropped, so the file contains each
         step once. With no source the file starts empty, which also claims the run directory.
         """
         history = []
