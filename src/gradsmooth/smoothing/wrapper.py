@@ -49,10 +49,11 @@ def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 
 
 class _StackPlan:
-    """One stack's slots (each a list of per-depth parameters) and its mixing terms."""
+    """One stack's slots (each a list of per-depth parameters), their names and its mixing terms."""
 
-    def __init__(self, stack: Stack, slots: list[list[nn.Parameter]], config: SmoothingConfig):
+    def __init__(self, stack: Stack, names: list[str], slots: list[list[nn.Parameter]], config: SmoothingConfig):
         self.path = stack.path
+        self.names = names
         self.slots = slots
         matrix = config.mixing_matrix(stack.depth)
         self.matrix = matrix
@@ -90,15 +91,16 @@ class SmoothedOptimizer(torch.optim.Optimizer):
         self.stacks = stacks
         self.plans: list[_StackPlan] = []
         for stack in stacks:
-            slots = []
+            names, slots = [], []
             for name, slot_params in list(stack.slots.items()):
                 if all(id(p) in held for p in slot_params):
+                    names.append(name)
                     slots.append(slot_params)
                 else:
                     stack.skipped[name] = "not in optimizer"
                     del stack.slots[name]
             if slots:
-                self.plans.append(_StackPlan(stack, slots, config))
+                self.plans.append(_StackPlan(stack, names, slots, config))
 
         if not self.plans:
             raise ValueError(
@@ -112,6 +114,8 @@ class SmoothedOptimizer(torch.optim.Optimizer):
         self._owner = self._index_owners()
         self._decay_groups = self._index_decay_groups()
         self._snapshots: list[torch.Tensor] | None = None
+        self._capture_next = False
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
         # The hot path works on the flat list above: index groups built here once stand for the
         # per-stack, per-slot loops, so a step runs a few fused tensor-list operations.
@@ -159,20 +163,56 @@ class SmoothedOptimizer(torch.optim.Optimizer):
         if not self._checked_holding:
             self._check_holding()
 
+        capture, self._capture_next = self._capture_next, False
         if self.config.target == "gradient":
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            before = self._copy_gradients() if capture else None
             self._smooth_gradients()
+            if capture:
+                self._captured = self._pair(before, self._copy_gradients())
             self.base.step()
         else:
             self._take_snapshot()
+            old = [s.clone() for s in self._snapshots] if capture else None
             loss = self.base.step(closure)
+            before = self._changes_since(old) if capture else None
             self._smooth_updates()
+            if capture:
+                self._captured = self._pair(before, self._changes_since(old))
 
         self.smoothing_steps += 1
         return loss
+
+    # --- diagnostics --------------------------------------------------------------------------
+
+    def capture_next_step(self) -> None:
+        """Keep the next step's tensors before and after smoothing for :meth:`take_capture`.
+
+        They are the updates (``target="update"``) or the gradients (``target="gradient"``).
+        Only that step pays for the extra copies.
+        """
+        self._capture_next = True
+
+    def take_capture(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Return ``{id(param): (before, after)}`` of the captured step and forget it, or None."""
+        captured, self._captured = self._captured, None
+        return captured
+
+    @torch.no_grad()
+    def _copy_gradients(self) -> list[torch.Tensor | None]:
+        return [None if p.grad is None else local_tensor(p.grad).clone() for p in self._params]
+
+    @torch.no_grad()
+    def _changes_since(self, old: list[torch.Tensor]) -> list[torch.Tensor]:
+        return torch._foreach_sub(self._tensors(), old)
+
+    def _pair(self, before: list, after: list) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            id(p): (b, a) for p, b, a in zip(self._params, before, after) if b is not None and a is not None
+        }
 
     def state_dict(self) -> dict:
         return {
