@@ -23,8 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gradsmooth.config import ConfigError, register_configs, validate
-from gradsmooth.training import train
+from gradsmooth.config import ConfigError, register_configs, train_run, validate
 from gradsmooth.training.failures import FAILURE_FILE, finish_trackers, record_failure
 from gradsmooth.training.rundir import RunDirError, claim_run_dir, collect_environment, write_json
 
@@ -126,18 +125,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
             _write_record(cfg, run_dir)
             log.info("run directory: %s", run_dir)
 
-        final = train(
-            config.task,
-            config.model,
-            config.data,
-            config.optim,
-            config.smoothing,
-            config.trainer,
-            config.seed,
-            run_dir,
-            logger=config.logger,
-            run_info=_run_info(cfg, run_dir),
-        )
+        final = train_run(config, run_dir, run_info=_run_info(cfg, run_dir))
     except Exception as error:
         finish_trackers(exit_code=1)
         if isinstance(error, RunDirError):

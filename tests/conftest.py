@@ -25,13 +25,9 @@ def compose(*overrides: str):
 
 def run_config(*overrides: str, run_dir: Path):
     """Compose, validate and train one run in-process; return its final metrics."""
-    from gradsmooth.config import validate
-    from gradsmooth.training import train
+    from gradsmooth.config import train_run, validate
 
-    config = validate(compose(*overrides))
-    return train(
-        config.task, config.model, config.data, config.optim, config.smoothing, config.trainer, config.seed, run_dir
-    )
+    return train_run(validate(compose(*overrides)), run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,7 @@ COMMON = [
     "trainer.eval_every=2",
     "trainer.grad_accum_steps=2",
     "trainer.progress_bar=false",
+    "diagnostics.update_every=2",
 ]
 
 
@@ -123,6 +124,9 @@ def test_kill_and_resume_is_exact(runner, tmp_path, monkeypatch):
     assert _rows_without_timing(tmp_path / "killed" / "metrics.jsonl") == _rows_without_timing(
         tmp_path / "full" / "metrics.jsonl"
     )
+    for name in ("updates.jsonl", "depth.jsonl"):
+        written = (tmp_path / "killed" / "diagnostics" / name).read_text()
+        assert written == (tmp_path / "full" / "diagnostics" / name).read_text(), name
 
 
 def test_kill_during_save_keeps_previous(tmp_path, monkeypatch):

@@ -56,7 +56,8 @@ def test_short_run_changes_every_parameter(extra, tmp_path):
     before = _initial_state(*overrides)
     final = run_config(*overrides, run_dir=tmp_path)
 
-    assert set(final) == {"val/loss", "val/acc", "test/loss", "test/acc"}
+    assert {key for key in final if not key.startswith("depth/")} == {"val/loss", "val/acc", "test/loss", "test/acc"}
+    assert "depth/residual_alignment" in final
     assert all(torch.isfinite(torch.tensor(value)) for value in final.values())
     after = load_file(tmp_path / "model.safetensors")
     unchanged = [name for name, value in before.items() if torch.equal(value, after[name])]

@@ -24,6 +24,7 @@ from gradsmooth.smoothing import SmoothingConfig
 from gradsmooth.tasks.diffusion.config import DiTModelConfig
 from gradsmooth.tasks.vit import ViTModelConfig
 from gradsmooth.training import TrainerConfig
+from gradsmooth.training.diagnostics import DiagnosticsConfig
 from gradsmooth.training.metrics import LoggerConfig
 from gradsmooth.training.errors import ConfigError
 
@@ -39,6 +40,7 @@ class RunConfig:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     seed: int = 0
 
 
@@ -90,3 +92,22 @@ def validate(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as error:
         cause = error.__cause__ if isinstance(error.__cause__, ValueError) else error
         raise ConfigError(str(cause)) from error
+
+
+def train_run(config: RunConfig, run_dir: Path, run_info: dict | None = None) -> dict[str, float]:
+    """Train the validated run ``config`` in ``run_dir`` and return its final metrics."""
+    from gradsmooth.training import train
+
+    return train(
+        config.task,
+        config.model,
+        config.data,
+        config.optim,
+        config.smoothing,
+        config.trainer,
+        config.seed,
+        run_dir,
+        logger=config.logger,
+        run_info=run_info,
+        diagnostics=config.diagnostics,
+    )

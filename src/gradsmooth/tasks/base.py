@@ -36,7 +36,8 @@ class Task(ABC):
     Optional hooks, all no-ops by default: :meth:`after_optimizer_step` (e.g. an EMA update),
     :meth:`evaluation_weights` (swap in the weights to evaluate), :meth:`evaluate_model` (metrics
     of the whole model, such as sample quality, once per evaluation round) and
-    :meth:`extra_weights` (more state dicts saved next to ``model.safetensors``). The loop passes
+    :meth:`extra_weights` (more state dicts saved next to ``model.safetensors``) and
+    :meth:`probe_forward` (a forward pass for the depth diagnostics). The loop passes
     these hooks the unwrapped model, never the Accelerate/DDP wrapper.
 
     ``units_per_example`` maps a unit to its count per training example (``{"tokens": 256}`` for
@@ -95,6 +96,14 @@ class Task(ABC):
     def extra_weights(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """Return named state dicts that the loop saves as ``<name>.safetensors`` next to the model."""
         return {}
+
+    def probe_forward(self, model: nn.Module, batch: Any) -> None:
+        """Run ``model`` forward on ``batch`` (collated validation examples) for the depth diagnostics.
+
+        Raise ``NotImplementedError`` (the default) when the task has no such forward; the
+        representation diagnostics are then skipped.
+        """
+        raise NotImplementedError
 
     def after_training(self, model: nn.Module, run_dir: Path) -> None:
         """Run once on the main process after the final evaluation (e.g. write samples); does nothing by default."""

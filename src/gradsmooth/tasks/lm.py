@@ -166,6 +166,10 @@ class LMTask(Task):
             "bytes": self.token_bytes.to(targets.device)[targets].sum(dim=1).float(),
         }
 
+    def probe_forward(self, model, batch):
+        # No KV cache: the coupling measure calls each block again with the arguments it saw.
+        model(input_ids=batch[:, :-1], use_cache=False)
+
     def eval_metrics(self, totals, split):
         return {
             f"{split}/loss": totals["nats"] / totals["tokens"],

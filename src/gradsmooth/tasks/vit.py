@@ -143,6 +143,10 @@ class VitTask(Task):
             "count": torch.ones_like(labels, dtype=torch.float32),
         }
 
+    def probe_forward(self, model, batch):
+        images, _ = batch
+        model(images)
+
     def eval_metrics(self, totals, split):
         count = totals["count"]
         return {f"{split}/loss": totals["loss"] / count, f"{split}/acc": totals["correct"] / count}

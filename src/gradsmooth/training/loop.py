@@ -32,6 +32,7 @@ from gradsmooth.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from gradsmooth.training.diagnostics import DepthDiagnostics, DiagnosticsConfig
 from gradsmooth.training.errors import ConfigError
 from gradsmooth.training.signals import StopSignal
 from gradsmooth.training.metrics import LoggerConfig, MetricsLog, plot_history, wandb_mode
@@ -199,9 +200,15 @@ def _describe_optimizer(optimizer) -> str:
 
 
 def evaluate_round(
-    task: Task, model, loaders: dict, step: int, accelerator: Accelerator, run_dir: Path
+    task: Task,
+    model,
+    loaders: dict,
+    step: int,
+    accelerator: Accelerator,
+    run_dir: Path,
+    diagnostics: DepthDiagnostics | None = None,
 ) -> dict[str, float]:
-    """Evaluate every split in ``loaders``, then the task's whole-model metrics, with its evaluation weights."""
+    """Evaluate every split in ``loaders``, the task's whole-model metrics and the depth diagnostics, with its evaluation weights."""
     unwrapped = accelerator.unwrap_model(model)
     metrics: dict[str, float] = {}
     with task.evaluation_weights(unwrapped):
@@ -210,6 +217,8 @@ def evaluate_round(
         model.eval()
         with torch.no_grad():
             metrics.update(task.evaluate_model(unwrapped, step, accelerator, run_dir))
+            if diagnostics is not None:
+                metrics.update(diagnostics.measure_representations(unwrapped, step))
         model.train()
     return metrics
 
@@ -252,6 +261,7 @@ def train(
     run_dir: Path,
     logger: LoggerConfig | None = None,
     run_info: dict | None = None,
+    diagnostics: DiagnosticsConfig | None = None,
 ) -> dict[str, float]:
     """Train one run and return its final metrics (also written to ``results.json``).
 
@@ -259,6 +269,7 @@ def train(
     ``config`` as a plain dict.
     """
     logger = logger or LoggerConfig()
+    diagnostics = diagnostics or DiagnosticsConfig()
     run_info = run_info or {}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +307,9 @@ def train(
 
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
+    depth = DepthDiagnostics(
+        diagnostics, task, accelerator.unwrap_model(model), optimizer, smoothing, run_dir, main, accelerator.device
+    )
 
     n_params = sum(p.numel() for p in model.parameters())
     examples_per_step = task.batch_size * trainer.grad_accum_steps * accelerator.num_processes
@@ -348,6 +362,7 @@ def train(
         micro_batches = state["micro_batches"]
         task.load_state_dict(task_state)
         metrics_log.restore(resume_from.parent.parent / "metrics.jsonl", state["metrics_rows"])
+        depth.restore(step)
         log.info("resumed from %s at step %d", resume_from, step)
     else:
         metrics_log.restore(None, 0)
@@ -384,6 +399,9 @@ def train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and trainer.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+                probing = accelerator.sync_gradients and depth.wants_update(step + 1)
+                if probing:
+                    depth.start_update()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
@@ -403,6 +421,8 @@ def train(
                 )
 
             # Log.
+            if probing:
+                metrics_log.write(step, depth.finish_update(step))
             if step % trainer.log_every == 0 or step == trainer.max_steps:
                 train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / micro_batches
                 if not math.isfinite(train_loss):
@@ -430,7 +450,7 @@ def train(
             # Evaluate.
             if step % trainer.eval_every == 0 and step != trainer.max_steps:
                 val_loaders = {"val": eval_loaders["val"]}
-                metrics_log.write(step, evaluate_round(task, model, val_loaders, step, accelerator, run_dir))
+                metrics_log.write(step, evaluate_round(task, model, val_loaders, step, accelerator, run_dir, depth))
 
             # Checkpoint, periodically and at the end, or now when SIGTERM or SIGINT arrived.
             if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == trainer.max_steps):
@@ -445,7 +465,7 @@ def train(
     progress.close()
 
     # Final evaluation on every held-out split, results and weights.
-    final = evaluate_round(task, model, eval_loaders, step, accelerator, run_dir)
+    final = evaluate_round(task, model, eval_loaders, step, accelerator, run_dir, depth)
     metrics_log.write(step, final)
 
     if main:
@@ -454,6 +474,7 @@ def train(
             {"task": task.name, "metric": task.metric, "metric_mode": task.metric_mode, "step": step, **final},
         )
         plot_history(metrics_log.history, run_dir / "curves.png", title=str(run_dir))
+        depth.plot()
         if logger.name == "wandb" and (run_dir / "curves.png").exists():
             import wandb
 

@@ -114,7 +114,9 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "step" and not k.startswith("perf/")]
+    # Throughput and the depth diagnostics (their own plot, diagnostics/depth.png) are left out.
+    skipped = ("perf/", "smooth/", "depth/")
+    keys = [k for k in dict.fromkeys(k for row in history for k in row) if k != "step" and not k.startswith(skipped)]
     keys = [k for k in keys if sum(isinstance(row.get(k), float) for row in history) >= 2]
     if not keys:
         return

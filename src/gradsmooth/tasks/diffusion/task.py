@@ -166,6 +166,10 @@ class DiffusionTask(Task):
         loss = self._loss(model, images, self._labels(labels, training=False), noise, uniform)
         return {"loss": loss, "count": torch.ones_like(loss)}
 
+    def probe_forward(self, model, batch):
+        images, labels, noise, uniform = batch
+        self._loss(model, images, self._labels(labels, training=False), noise, uniform)
+
     def eval_metrics(self, totals, split):
         return {f"{split}/loss": totals["loss"] / totals["count"]}
 
