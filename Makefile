@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench tables table-vit table-lm table-diffusion clean
+.PHONY: help install run test test-slow bench tables table-vit table-lm table-diffusion figures clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ table-diffusion: $(STAMP) ## Sweep the diffusion table (12 runs, about 45 minute
 	$(PYTHON) scripts/run_table.py diffusion
 
 tables: table-vit table-lm table-diffusion ## Rebuild every table from new sweeps
+
+figures: $(STAMP) ## Draw depth diagnostics (baseline against smoothing) from the newest vit and lm table sweeps into results/analysis/
+	$(PYTHON) scripts/make_figures.py vit && $(PYTHON) scripts/make_figures.py lm
 
 clean: ## Remove run directories and caches (keeps .venv)
 	rm -rf runs multirun .pytest_cache

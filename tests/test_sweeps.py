@@ -15,6 +15,7 @@ import pytest
 from conftest import CONFIG_DIR, ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import make_figures  # noqa: E402
 import make_tables  # noqa: E402
 from test_lm import make_text  # noqa: E402
 
@@ -52,6 +53,31 @@ TINY_TASK = {
         "task.classifier_steps=20",
     ],
 }
+TINY_TASK["lm_paper"] = [
+    *TINY_TASK["lm"],
+    "model.n_kv_head=2",
+    "trainer.grad_accum_steps=1",
+    "trainer.mixed_precision=no",
+    "optim.warmup_steps=0",
+    "task.tokenizer.train_chars=100000",
+]
+TINY_TASK["diffusion_paper"] = [
+    *TINY_TASK["diffusion"],
+    "model.patch_size=4",
+    "data.image_size=8",
+    "task.frechet_features=digits_classifier",
+    "task.sample_batch_size=8",
+    "trainer.mixed_precision=no",
+    "optim.warmup_steps=0",
+]
+
+
+def _write_text_parquet(root: Path) -> None:
+    """A small corpus in the hub's parquet format, standing in for FineWeb-Edu."""
+    from datasets import Dataset
+
+    documents = [make_text(index, lines=40) for index in range(12)]
+    Dataset.from_dict({"text": documents}).to_parquet(str(root / "train.parquet"))
 
 
 def _multirun(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -94,17 +120,23 @@ def test_sweep_file_runs(sweep, tmp_path):
         overrides += ["data=text_files", f"data.path={corpus}/*.txt", f"data.cache_dir={tmp_path / 'cache'}"]
     if sweep == "diffusion":
         overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
-    if sweep.endswith("_paper"):
-        _write_image_parquet(tmp_path / "data")
+    if sweep == "lm_paper":
+        (tmp_path / "data").mkdir()
+        _write_text_parquet(tmp_path / "data")
         overrides += [
             f"data.path={tmp_path / 'data'}",
+            "data.config_name=null",
+            "data.streaming=false",
+            "data.val_documents=2",
             f"data.cache_dir={tmp_path / 'cache'}",
-            "data.image_size=8",
-            "data.batch_size=8",
-            "model.patch_size=4",
-            "trainer.mixed_precision=no",
-            "optim.warmup_steps=0",
         ]
+    elif sweep.endswith("_paper"):
+        _write_image_parquet(tmp_path / "data")
+        overrides += [f"data.path={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=8"]
+        if sweep == "vit_paper":
+            overrides += ["data.batch_size=8", "model.patch_size=4", "trainer.mixed_precision=no", "optim.warmup_steps=0"]
+        else:
+            overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
     result = _multirun(*overrides)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -182,9 +214,21 @@ def test_notebook_executes(tmp_path):
     from nbclient import NotebookClient
 
     sweep_dir = tmp_path / "runs" / "table-vit" / "2026-01-01_00-00-00"
-    result = _multirun(*TINY, "smoothing=none,window", f"hydra.sweep.dir={sweep_dir}")
+    result = _multirun(*TINY, "diagnostics.update_every=1", "smoothing=none,window", "seed=0,1", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     make_tables.main(["vit", str(sweep_dir), "--out", str(tmp_path / "results" / "vit")])
+
+    # The depth figures and their table, as make figures writes them.
+    analysis = tmp_path / "results" / "analysis"
+    make_figures.main(["vit", str(sweep_dir), "--out", str(analysis)])
+    assert (analysis / "vit_residual_cosine.png").stat().st_size > 0
+    assert (analysis / "vit_alignment.png").stat().st_size > 0
+    table = (analysis / "vit.md").read_text()
+    assert "| adamw | baseline |" in table
+    assert "(n=2)" in table
+    rows = list(csv.DictReader((analysis / "vit.csv").open()))
+    residual = [row for row in rows if row["measure"] == "residual_alignment"]
+    assert [len(row["values"].split()) for row in residual] == [2, 2]
 
     notebook = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
     os.environ["GRADSMOOTH_RESULTS"] = str(tmp_path / "results")
@@ -199,5 +243,6 @@ def test_notebook_executes(tmp_path):
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "tasks with a table: ['vit']" in outputs
+    assert "vit: depth diagnostics of 4 runs" in outputs
     images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if "image/png" in o.get("data", {})]
     assert images
