@@ -76,6 +76,10 @@ def _shared_run_dir(own: Path, cpu: bool) -> tuple[Path, bool]:
     return shared, state.is_main_process
 
 
+def _task_name(task) -> str | None:
+    return task.get("name") if isinstance(task, dict) else getattr(task, "name", None)
+
+
 def _flatten(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
@@ -126,18 +130,36 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
             _write_record(cfg, run_dir)
             log.info("run directory: %s", run_dir)
 
-        final = train(
-            config.task,
-            config.model,
-            config.data,
-            config.optim,
-            config.smoothing,
-            config.trainer,
-            config.seed,
-            run_dir,
-            logger=config.logger,
-            run_info=_run_info(cfg, run_dir),
-        )
+        if _task_name(config.task) == "grpo":
+            # TRL owns the GRPO loop, so this task has its own runner instead of the shared loop.
+            from gradsmooth.tasks.grpo.runner import train_grpo
+
+            final = train_grpo(
+                config.task,
+                config.policy,
+                config.model,
+                config.data,
+                config.optim,
+                config.smoothing,
+                config.trainer,
+                config.seed,
+                run_dir,
+                logger=config.logger,
+                run_info=_run_info(cfg, run_dir),
+            )
+        else:
+            final = train(
+                config.task,
+                config.model,
+                config.data,
+                config.optim,
+                config.smoothing,
+                config.trainer,
+                config.seed,
+                run_dir,
+                logger=config.logger,
+                run_info=_run_info(cfg, run_dir),
+            )
     except Exception as error:
         finish_trackers(exit_code=1)
         if isinstance(error, RunDirError):
@@ -161,7 +183,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
     split = "test" if any(key.startswith("test/") for key in final) else "val"
     if is_main:
         print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith((f"{split}/", "sample/"))))
-    metric = next((final[key] for key in ("test/acc", "test/loss", "val/bpb", "val/loss") if key in final), None)
+    metric = next((final[key] for key in ("test/acc", "test/loss", "val/acc", "val/bpb", "val/loss") if key in final), None)
     return float(metric) if metric is not None else float("nan")
 
 

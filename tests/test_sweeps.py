@@ -51,7 +51,26 @@ TINY_TASK = {
         "task.grid_size=4",
         "task.classifier_steps=20",
     ],
+    "grpo": [
+        "model.n_layer=2",
+        "model.d_model=32",
+        "model.n_head=2",
+        "data.train_size=100",
+        "data.val_size=8",
+        "policy.warm_start_steps=2",
+        "policy.warm_start_batch_size=8",
+        "task.batch_size=8",
+        "task.num_generations=4",
+        "task.max_completion_length=8",
+    ],
 }
+TINY_TASK["grpo_paper"] = [item for item in TINY_TASK["grpo"] if not item.startswith(("model.", "data.", "policy."))] + [
+    "trainer.grad_accum_steps=1",
+    "trainer.mixed_precision=no",
+    "policy.dtype=float32",
+    "data.eval_batch_size=8",
+    "optim.warmup_steps=0",
+]
 
 
 def _multirun(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -94,7 +113,19 @@ def test_sweep_file_runs(sweep, tmp_path):
         overrides += ["data=text_files", f"data.path={corpus}/*.txt", f"data.cache_dir={tmp_path / 'cache'}"]
     if sweep == "diffusion":
         overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
-    if sweep.endswith("_paper"):
+    if sweep.startswith("grpo"):
+        overrides.append(f"policy.cache_dir={tmp_path / 'cache'}")
+    if sweep == "grpo_paper":
+        from test_grpo import _tiny_policy, _write_gsm8k
+
+        files = _write_gsm8k(tmp_path / "gsm8k")
+        overrides += [
+            "data.path=json",
+            "data.config_name=null",
+            f"data.data_files={{train: {files['train']}, test: {files['test']}}}",
+            f"policy.path={_tiny_policy(tmp_path / 'policy')}",
+        ]
+    elif sweep.endswith("_paper"):
         _write_image_parquet(tmp_path / "data")
         overrides += [
             f"data.path={tmp_path / 'data'}",

@@ -22,6 +22,8 @@ from gradsmooth.models.causal_lm import CausalLMConfig
 from gradsmooth.optim import OptimConfig
 from gradsmooth.smoothing import SmoothingConfig
 from gradsmooth.tasks.diffusion.config import DiTModelConfig
+from gradsmooth.tasks.grpo.config import PolicyConfig
+from gradsmooth.tasks.grpo.problems import ArithmeticDataConfig, GSM8KDataConfig
 from gradsmooth.tasks.vit import ViTModelConfig
 from gradsmooth.training import TrainerConfig
 from gradsmooth.training.metrics import LoggerConfig
@@ -35,6 +37,8 @@ class RunConfig:
     task: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING
+    # The policy GRPO starts from (task=grpo only); null for every other task.
+    policy: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -53,6 +57,9 @@ def register_configs() -> None:
     store.store(group="data", name="shakespeare_schema", node=ShakespeareConfig)
     store.store(group="data", name="text_files_schema", node=TextFilesConfig)
     store.store(group="data", name="hf_text_schema", node=HFTextConfig)
+    store.store(group="data", name="arithmetic_schema", node=ArithmeticDataConfig)
+    store.store(group="data", name="gsm8k_schema", node=GSM8KDataConfig)
+    store.store(group="policy", name="policy_schema", node=PolicyConfig)
     try:
         from gradsmooth.data.hf_images import HFImagesConfig
     except ImportError:  # pragma: no cover - the module ships with the package

@@ -1,0 +1,1 @@
+"""GRPO post-training for reasoning with verifiable answers, on TRL's ``GRPOTrainer`` (see ``runner``)."""
