@@ -130,36 +130,25 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
             _write_record(cfg, run_dir)
             log.info("run directory: %s", run_dir)
 
+        runner, extra = train, {}
         if _task_name(config.task) == "grpo":
             # TRL owns the GRPO loop, so this task has its own runner instead of the shared loop.
             from gradsmooth.tasks.grpo.runner import train_grpo
 
-            final = train_grpo(
-                config.task,
-                config.policy,
-                config.model,
-                config.data,
-                config.optim,
-                config.smoothing,
-                config.trainer,
-                config.seed,
-                run_dir,
-                logger=config.logger,
-                run_info=_run_info(cfg, run_dir),
-            )
-        else:
-            final = train(
-                config.task,
-                config.model,
-                config.data,
-                config.optim,
-                config.smoothing,
-                config.trainer,
-                config.seed,
-                run_dir,
-                logger=config.logger,
-                run_info=_run_info(cfg, run_dir),
-            )
+            runner, extra = train_grpo, {"policy_settings": config.policy}
+        final = runner(
+            config.task,
+            config.model,
+            config.data,
+            config.optim,
+            config.smoothing,
+            config.trainer,
+            config.seed,
+            run_dir,
+            logger=config.logger,
+            run_info=_run_info(cfg, run_dir),
+            **extra,
+        )
     except Exception as error:
         finish_trackers(exit_code=1)
         if isinstance(error, RunDirError):

@@ -53,6 +53,7 @@ TINY_RUN = [
     "model.n_head=2",
     "data.min_steps=1",
     "data.max_steps=1",
+    "data.direct_answer_fraction=0",
     "data.train_size=500",
     "data.val_size=16",
     "data.eval_batch_size=16",
@@ -161,7 +162,7 @@ def test_held_out_set_is_fixed_and_disjoint():
 
 
 def test_solutions_are_correct_and_in_range():
-    config = ArithmeticDataConfig(min_steps=3, max_steps=5)
+    config = ArithmeticDataConfig(min_steps=3, max_steps=5, direct_answer_fraction=0.0)
     for problem in generate_problems(config, 300, seed=0):
         assert parse_arithmetic_answer(problem.solution) == problem.answer
         steps = problem.solution.split(". ")[:-1]
@@ -172,9 +173,18 @@ def test_solutions_are_correct_and_in_range():
             assert eval(expression) == int(result)  # noqa: S307 - digits and one operator, written by the generator
 
 
+def test_direct_answers_keep_the_problems():
+    worked = generate_problems(ArithmeticDataConfig(direct_answer_fraction=0.0), 200, seed=0)
+    mixed = generate_problems(ArithmeticDataConfig(direct_answer_fraction=0.5), 200, seed=0)
+    assert [(p.prompt, p.answer) for p in worked] == [(p.prompt, p.answer) for p in mixed]
+    direct = [p for p in mixed if p.solution == f"Answer: {p.answer}"]
+    assert 70 <= len(direct) <= 130
+    assert all(parse_arithmetic_answer(p.solution) == p.answer for p in mixed)
+
+
 def test_difficulty_changes_steps():
-    easy = generate_problems(ArithmeticDataConfig(min_steps=1, max_steps=1), 20, seed=0)
-    hard = generate_problems(ArithmeticDataConfig(min_steps=6, max_steps=6), 20, seed=0)
+    easy = generate_problems(ArithmeticDataConfig(min_steps=1, max_steps=1, direct_answer_fraction=0.0), 20, seed=0)
+    hard = generate_problems(ArithmeticDataConfig(min_steps=6, max_steps=6, direct_answer_fraction=0.0), 20, seed=0)
     assert all(p.solution.count("=") == 1 for p in easy)
     assert all(p.solution.count("=") == 6 for p in hard)
 

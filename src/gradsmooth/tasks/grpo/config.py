@@ -112,7 +112,7 @@ class PolicyConfig:
     name: str = "warm_start"
     path: Optional[str] = None
     dtype: str = "float32"
-    warm_start_steps: int = 600
+    warm_start_steps: int = 300
     warm_start_lr: float = 3e-3
     warm_start_batch_size: int = 64
     warm_start_seed: int = 0

@@ -249,7 +249,6 @@ def _grpo_args(task: GRPOTaskConfig, optim: OptimConfig, trainer, seed: int, run
 
 def train_grpo(
     task_settings,
-    policy_settings,
     model_settings,
     data_settings,
     optim: OptimConfig,
@@ -259,8 +258,11 @@ def train_grpo(
     run_dir: Path,
     logger: LoggerConfig | None = None,
     run_info: dict | None = None,
+    policy_settings=None,
 ) -> dict[str, float]:
     """Post-train a policy with GRPO and return its final metrics (also written to ``results.json``).
+
+    Takes the shared loop's arguments plus ``policy_settings``, the policy to start from.
 
     Every invalid setting raises :class:`ConfigError` before any model is built or trained.
     """
@@ -279,6 +281,9 @@ def train_grpo(
         task, policy, data = load_settings(task_settings, policy_settings, data_settings)
         model_config = settings_from(CausalLMConfig, model_settings, "model")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        # NOTE: every process would write metrics and results, so GRPO is limited to one process.
+        if world_size > 1:
+            raise ValueError(f"task=grpo runs on one process; it was launched on {world_size} (WORLD_SIZE)")
         check_generation_batch(task, trainer.grad_accum_steps, world_size)
         # NOTE: resuming GRPO is not supported: TRL would need the run's checkpoints, which
         # this runner does not write (save_strategy="no").
