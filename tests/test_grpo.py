@@ -53,7 +53,7 @@ TINY_RUN = [
     "model.n_head=2",
     "data.min_steps=1",
     "data.max_steps=1",
-    "data.direct_answer_fraction=0",
+    "data.premature_answer_fraction=0",
     "data.train_size=500",
     "data.val_size=16",
     "data.eval_batch_size=16",
@@ -162,7 +162,7 @@ def test_held_out_set_is_fixed_and_disjoint():
 
 
 def test_solutions_are_correct_and_in_range():
-    config = ArithmeticDataConfig(min_steps=3, max_steps=5, direct_answer_fraction=0.0)
+    config = ArithmeticDataConfig(min_steps=3, max_steps=5, premature_answer_fraction=0.0)
     for problem in generate_problems(config, 300, seed=0):
         assert parse_arithmetic_answer(problem.solution) == problem.answer
         steps = problem.solution.split(". ")[:-1]
@@ -173,18 +173,21 @@ def test_solutions_are_correct_and_in_range():
             assert eval(expression) == int(result)  # noqa: S307 - digits and one operator, written by the generator
 
 
-def test_direct_answers_keep_the_problems():
-    worked = generate_problems(ArithmeticDataConfig(direct_answer_fraction=0.0), 200, seed=0)
-    mixed = generate_problems(ArithmeticDataConfig(direct_answer_fraction=0.5), 200, seed=0)
+def test_premature_answers_keep_the_problems():
+    worked = generate_problems(ArithmeticDataConfig(premature_answer_fraction=0.0), 200, seed=0)
+    mixed = generate_problems(ArithmeticDataConfig(premature_answer_fraction=0.5), 200, seed=0)
     assert [(p.prompt, p.answer) for p in worked] == [(p.prompt, p.answer) for p in mixed]
-    direct = [p for p in mixed if p.solution == f"Answer: {p.answer}"]
-    assert 70 <= len(direct) <= 130
-    assert all(parse_arithmetic_answer(p.solution) == p.answer for p in mixed)
+    premature = [m for w, m in zip(worked, mixed) if m.solution != w.solution]
+    assert 70 <= len(premature) <= 130
+    for problem in premature:
+        first_step = problem.solution.split(" Answer")[0]
+        assert first_step.count("=") == 1
+        assert parse_arithmetic_answer(problem.solution) == int(first_step.rstrip(".").split("=")[1])
 
 
 def test_difficulty_changes_steps():
-    easy = generate_problems(ArithmeticDataConfig(min_steps=1, max_steps=1, direct_answer_fraction=0.0), 20, seed=0)
-    hard = generate_problems(ArithmeticDataConfig(min_steps=6, max_steps=6, direct_answer_fraction=0.0), 20, seed=0)
+    easy = generate_problems(ArithmeticDataConfig(min_steps=1, max_steps=1, premature_answer_fraction=0.0), 20, seed=0)
+    hard = generate_problems(ArithmeticDataConfig(min_steps=6, max_steps=6, premature_answer_fraction=0.0), 20, seed=0)
     assert all(p.solution.count("=") == 1 for p in easy)
     assert all(p.solution.count("=") == 6 for p in hard)
 

@@ -10,9 +10,9 @@ published (Shao et al., DeepSeekMath):
 
 1. The default policy is a 1.3M-parameter Llama warm-started for 300 steps on generated
    arithmetic, not a Qwen2.5 model on GSM8K, so accuracies are not comparable to the paper's.
-2. Half of the warm-start solutions state only the answer, so the warm-started policy sometimes
-   answers without working; much of the accuracy GRPO adds on CPU comes from learning to work
-   the steps.
+2. Half of the warm-start solutions stop after the first step and answer with its result, so
+   the warm-started policy sometimes answers too early; much of the accuracy GRPO adds on CPU
+   comes from learning to finish the steps.
 3. The loss is TRL's ``dapo`` token-level aggregation by default (``task.loss_type=grpo`` gives
    the per-sequence normalisation of the original GRPO), with one optimisation pass per
    generation batch, so the importance ratio is 1 and clipping is inactive unless

@@ -8,7 +8,7 @@ An arithmetic problem chains a few operations on small integers::
 Every intermediate value stays in ``[0, max_value]``. The training problems are drawn from
 ``data.seed``, the held-out set from its own ``data.val_seed``, and held-out prompts never occur
 among the training problems. The warm start trains on the worked solutions, a fraction of which
-give the bare answer (``Answer: 21``); GRPO sees only the prompts and the answers.
+stop after the first step (``7+5=12. Answer: 12``); GRPO sees only the prompts and the answers.
 
 Answers are parsed strictly for the correctness reward: an arithmetic completion must end with
 ``Answer: <int>`` and a GSM8K completion must contain ``#### <number>`` (with the usual
@@ -47,20 +47,21 @@ class ArithmeticDataConfig:
     max_value: every intermediate value stays in [0, max_value].
     train_size: training problems (prompts); GRPO draws its prompt groups from them.
     val_size: held-out problems for the greedy accuracy ``val/acc``.
-    direct_answer_fraction: fraction of the worked solutions that state only ``Answer: <int>``,
-        without the steps. A policy warm-started on them sometimes answers directly, which is
-        rarely right on several steps, so GRPO has a behaviour to learn: work the steps.
+    premature_answer_fraction: fraction of the warm-start solutions that stop after the first
+        step and give its result as the answer ("7+5=12. Answer: 12"), which is wrong whenever
+        the problem has two or more steps. A policy warm-started on them sometimes stops early,
+        so GRPO has a behaviour to learn: finish the steps.
     seed, val_seed: generator seeds of the training and the held-out problems.
     eval_batch_size: prompts per greedy generation batch in evaluation.
     """
 
     name: str = "arithmetic"
     min_steps: int = 2
-    max_steps: int = 4
+    max_steps: int = 3
     max_operand: int = 9
     multipliers: list[int] = field(default_factory=lambda: [2, 3])
     max_value: int = 99
-    direct_answer_fraction: float = 0.5
+    premature_answer_fraction: float = 0.5
     train_size: int = 20000
     val_size: int = 200
     seed: int = 0
@@ -77,8 +78,8 @@ class ArithmeticDataConfig:
             raise ValueError(f"data.multipliers must all be >= 2; got {list(self.multipliers)}")
         if self.max_value < self.max_operand:
             raise ValueError(f"data.max_value ({self.max_value}) must be >= data.max_operand ({self.max_operand})")
-        if not 0.0 <= self.direct_answer_fraction <= 1.0:
-            raise ValueError(f"data.direct_answer_fraction must be in [0, 1]; got {self.direct_answer_fraction}")
+        if not 0.0 <= self.premature_answer_fraction <= 1.0:
+            raise ValueError(f"data.premature_answer_fraction must be in [0, 1]; got {self.premature_answer_fraction}")
         if self.seed == self.val_seed:
             raise ValueError(f"data.seed and data.val_seed must differ so the held-out set has its own draw; both are {self.seed}")
         self.multipliers = [int(m) for m in self.multipliers]
@@ -107,8 +108,9 @@ def _arithmetic_problem(rng: random.Random, config: ArithmeticDataConfig) -> Pro
     prompt = " ".join(sentences) + " What is the result?\n"
     solution = " ".join(steps) + f" Answer: {value}"
     # Drawn for every problem, so the problems themselves do not depend on the fraction.
-    if rng.random() < config.direct_answer_fraction:
-        solution = f"Answer: {value}"
+    if rng.random() < config.premature_answer_fraction:
+        first_result = steps[0].rstrip(".").split("=")[1]
+        solution = f"{steps[0]} Answer: {first_result}"
     return Problem(prompt=prompt, answer=value, solution=solution)
 
 
