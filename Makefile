@@ -36,7 +36,7 @@ table-lm: $(STAMP) ## Sweep the LM table (12 runs, about 45 minutes on 2 CPU cor
 table-diffusion: $(STAMP) ## Sweep the diffusion table (12 runs, about 45 minutes on 2 CPU cores) and write results/diffusion/
 	$(PYTHON) scripts/run_table.py diffusion
 
-table-grpo: $(STAMP) ## Sweep the GRPO table (6 runs, about 1.5 hours on 2 CPU cores) and write results/grpo/
+table-grpo: $(STAMP) ## Sweep the GRPO table (6 runs, about 25 minutes on 2 CPU cores) and write results/grpo/
 	$(PYTHON) scripts/run_table.py grpo
 
 tables: table-vit table-lm table-diffusion table-grpo ## Rebuild every table from new sweeps

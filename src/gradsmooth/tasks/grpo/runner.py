@@ -329,6 +329,7 @@ def train_grpo(
 
     tracker = None
     if logger.name == "wandb":
+        # NOTE: no test covers logger=wandb for task=grpo; the shared loop's W&B test does not reach here.
         import wandb
 
         wandb_run = wandb.init(
