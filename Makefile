@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench tables table-vit table-lm table-diffusion figures clean
+.PHONY: help install run test test-slow bench tables table-vit table-lm table-diffusion table-grpo figures clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -36,7 +36,10 @@ table-lm: $(STAMP) ## Sweep the LM table (12 runs, about 45 minutes on 2 CPU cor
 table-diffusion: $(STAMP) ## Sweep the diffusion table (12 runs, about 45 minutes on 2 CPU cores) and write results/diffusion/
 	$(PYTHON) scripts/run_table.py diffusion
 
-tables: table-vit table-lm table-diffusion ## Rebuild every table from new sweeps
+table-grpo: $(STAMP) ## Sweep the GRPO table (6 runs, about 25 minutes on 2 CPU cores) and write results/grpo/
+	$(PYTHON) scripts/run_table.py grpo
+
+tables: table-vit table-lm table-diffusion table-grpo ## Rebuild every table from new sweeps
 
 figures: $(STAMP) ## Draw depth diagnostics (baseline against smoothing) from the newest vit and lm table sweeps into results/analysis/
 	$(PYTHON) scripts/make_figures.py vit && $(PYTHON) scripts/make_figures.py lm

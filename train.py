@@ -149,7 +149,7 @@ def run(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> float:
     split = "test" if any(key.startswith("test/") for key in final) else "val"
     if is_main:
         print(" ".join(f"{key}:{value:.4f}" for key, value in final.items() if key.startswith((f"{split}/", "sample/"))))
-    metric = next((final[key] for key in ("test/acc", "test/loss", "val/bpb", "val/loss") if key in final), None)
+    metric = next((final[key] for key in ("test/acc", "test/loss", "val/acc", "val/bpb", "val/loss") if key in final), None)
     return float(metric) if metric is not None else float("nan")
 
 

@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # the difference of two means (about a 95% interval under a normal approximation).
 REAL_DIFFERENCE_SE = 2.0
 
+# The training curve drawn under the validation metric: the loss, except for GRPO, whose loss is
+# near zero by construction (the advantages of a group sum to zero), so its mean reward is drawn.
+TRAINING_CURVE = {"grpo": "train/reward"}
+
 
 @dataclass
 class Run:
@@ -301,10 +305,10 @@ def plot_curves(task, metric, optimizers, variants, cells, path: Path) -> None:
 
 
 def curves_figure(task, metric, optimizers, variants, cells):
-    """Draw the validation metric and the training loss against the step, mean ± std over seeds."""
+    """Draw the validation metric and the training loss (GRPO: reward) against the step, mean ± std over seeds."""
     import matplotlib.pyplot as plt
 
-    curve_keys = ["val/" + metric.split("/", 1)[-1], "train/loss"]
+    curve_keys = ["val/" + metric.split("/", 1)[-1], TRAINING_CURVE.get(task, "train/loss")]
     figure, axes = plt.subplots(
         len(curve_keys), len(optimizers), figsize=(4 * len(optimizers), 3 * len(curve_keys)), squeeze=False
     )

@@ -10,7 +10,7 @@ from conftest import CONFIG_DIR, compose, run_config
 from gradsmooth.config import RunConfig, validate
 from gradsmooth.training.errors import ConfigError
 
-GROUPS = ["task", "model", "data", "optim", "smoothing", "trainer", "logger"]
+GROUPS = ["task", "model", "data", "optim", "smoothing", "trainer", "logger", "policy"]
 
 
 def _options(group: str) -> list[str]:

@@ -52,6 +52,18 @@ TINY_TASK = {
         "task.grid_size=4",
         "task.classifier_steps=20",
     ],
+    "grpo": [
+        "model.n_layer=2",
+        "model.d_model=32",
+        "model.n_head=2",
+        "data.train_size=100",
+        "data.val_size=8",
+        "policy.warm_start_steps=2",
+        "policy.warm_start_batch_size=8",
+        "task.batch_size=8",
+        "task.num_generations=4",
+        "task.max_completion_length=8",
+    ],
 }
 TINY_TASK["lm_paper"] = [
     *TINY_TASK["lm"],
@@ -78,6 +90,13 @@ def _write_text_parquet(root: Path) -> None:
 
     documents = [make_text(index, lines=40) for index in range(12)]
     Dataset.from_dict({"text": documents}).to_parquet(str(root / "train.parquet"))
+TINY_TASK["grpo_paper"] = [item for item in TINY_TASK["grpo"] if not item.startswith(("model.", "data.", "policy."))] + [
+    "trainer.grad_accum_steps=1",
+    "trainer.mixed_precision=no",
+    "policy.dtype=float32",
+    "data.eval_batch_size=8",
+    "optim.warmup_steps=0",
+]
 
 
 def _multirun(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -120,7 +139,19 @@ def test_sweep_file_runs(sweep, tmp_path):
         overrides += ["data=text_files", f"data.path={corpus}/*.txt", f"data.cache_dir={tmp_path / 'cache'}"]
     if sweep == "diffusion":
         overrides.append(f"task.cache_dir={tmp_path / 'classifier-cache'}")
-    if sweep == "lm_paper":
+    if sweep.startswith("grpo"):
+        overrides.append(f"policy.cache_dir={tmp_path / 'cache'}")
+    if sweep == "grpo_paper":
+        from test_grpo import _tiny_policy, _write_gsm8k
+
+        files = _write_gsm8k(tmp_path / "gsm8k")
+        overrides += [
+            "data.path=json",
+            "data.config_name=null",
+            f"data.data_files={{train: {files['train']}, test: {files['test']}}}",
+            f"policy.path={_tiny_policy(tmp_path / 'policy')}",
+        ]
+    elif sweep == "lm_paper":
         (tmp_path / "data").mkdir()
         _write_text_parquet(tmp_path / "data")
         overrides += [

@@ -22,6 +22,8 @@ from gradsmooth.models.causal_lm import CausalLMConfig
 from gradsmooth.optim import OptimConfig
 from gradsmooth.smoothing import SmoothingConfig
 from gradsmooth.tasks.diffusion.config import DiTModelConfig
+from gradsmooth.tasks.grpo.config import PolicyConfig
+from gradsmooth.tasks.grpo.problems import ArithmeticDataConfig, GSM8KDataConfig
 from gradsmooth.tasks.vit import ViTModelConfig
 from gradsmooth.training import TrainerConfig
 from gradsmooth.training.diagnostics import DiagnosticsConfig
@@ -36,6 +38,8 @@ class RunConfig:
     task: Any = MISSING
     model: Any = MISSING
     data: Any = MISSING
+    # The policy GRPO starts from (task=grpo only); null for every other task.
+    policy: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -55,6 +59,9 @@ def register_configs() -> None:
     store.store(group="data", name="shakespeare_schema", node=ShakespeareConfig)
     store.store(group="data", name="text_files_schema", node=TextFilesConfig)
     store.store(group="data", name="hf_text_schema", node=HFTextConfig)
+    store.store(group="data", name="arithmetic_schema", node=ArithmeticDataConfig)
+    store.store(group="data", name="gsm8k_schema", node=GSM8KDataConfig)
+    store.store(group="policy", name="policy_schema", node=PolicyConfig)
     try:
         from gradsmooth.data.hf_images import HFImagesConfig
     except ImportError:  # pragma: no cover - the module ships with the package
@@ -97,6 +104,25 @@ def validate(cfg: DictConfig) -> RunConfig:
 def train_run(config: RunConfig, run_dir: Path, run_info: dict | None = None) -> dict[str, float]:
     """Train the validated run ``config`` in ``run_dir`` and return its final metrics."""
     from gradsmooth.training import train
+
+    task_name = config.task.get("name") if isinstance(config.task, dict) else getattr(config.task, "name", None)
+    if task_name == "grpo":
+        # TRL owns the GRPO loop, so this task has its own runner instead of the shared loop.
+        from gradsmooth.tasks.grpo.runner import train_grpo
+
+        return train_grpo(
+            config.task,
+            config.model,
+            config.data,
+            config.optim,
+            config.smoothing,
+            config.trainer,
+            config.seed,
+            run_dir,
+            logger=config.logger,
+            run_info=run_info,
+            policy_settings=config.policy,
+        )
 
     return train(
         config.task,

@@ -10,6 +10,8 @@ TASKS = {
     "vit": "gradsmooth.tasks.vit:VitTask",
     "diffusion": "gradsmooth.tasks.diffusion.task:DiffusionTask",
     "lm": "gradsmooth.tasks.lm:LMTask",
+    # The supervised warm start of task=grpo, run by the shared loop; GRPO itself runs in TRL.
+    "grpo_warm_start": "gradsmooth.tasks.grpo.warm_start:WarmStartTask",
 }
 
 
