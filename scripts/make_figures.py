@@ -148,7 +148,9 @@ def plot_heatmaps(task: str, optimizers, variants, cells, diagnostics, path: Pat
     import numpy as np
 
     plt = _pyplot()
-    figure, axes = plt.subplots(len(optimizers), len(variants), figsize=(3.2 * len(variants), 3.0 * len(optimizers)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(optimizers), len(variants), figsize=(3.2 * len(variants), 3.2 * len(optimizers)), squeeze=False, layout="constrained"
+    )
     image = None
     for row, optimizer in enumerate(optimizers):
         for column, variant in enumerate(variants):
