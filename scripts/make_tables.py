@@ -308,7 +308,10 @@ def curves_figure(task, metric, optimizers, variants, cells):
     """Draw the validation metric and the training loss (GRPO: reward) against the step, mean ± std over seeds."""
     import matplotlib.pyplot as plt
 
-    curve_keys = ["val/" + metric.split("/", 1)[-1], TRAINING_CURVE.get(task, "train/loss")]
+    # A test metric exists only at the end, so its validation counterpart is drawn; other metrics
+    # (val/bpb, sample/fd) are logged at every evaluation and drawn as they are.
+    split, name = metric.split("/", 1)
+    curve_keys = [f"val/{name}" if split == "test" else metric, TRAINING_CURVE.get(task, "train/loss")]
     figure, axes = plt.subplots(
         len(curve_keys), len(optimizers), figsize=(4 * len(optimizers), 3 * len(curve_keys)), squeeze=False
     )
