@@ -110,21 +110,11 @@ def train_run(config: RunConfig, run_dir: Path, run_info: dict | None = None) ->
         # TRL owns the GRPO loop, so this task has its own runner instead of the shared loop.
         from gradsmooth.tasks.grpo.runner import train_grpo
 
-        return train_grpo(
-            config.task,
-            config.model,
-            config.data,
-            config.optim,
-            config.smoothing,
-            config.trainer,
-            config.seed,
-            run_dir,
-            logger=config.logger,
-            run_info=run_info,
-            policy_settings=config.policy,
-        )
+        runner, extra = train_grpo, {"policy_settings": config.policy}
+    else:
+        runner, extra = train, {"diagnostics": config.diagnostics}
 
-    return train(
+    return runner(
         config.task,
         config.model,
         config.data,
@@ -135,5 +125,5 @@ def train_run(config: RunConfig, run_dir: Path, run_info: dict | None = None) ->
         run_dir,
         logger=config.logger,
         run_info=run_info,
-        diagnostics=config.diagnostics,
+        **extra,
     )

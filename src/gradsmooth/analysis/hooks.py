@@ -52,7 +52,7 @@ def replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tup
 
 @dataclass
 class BlockCalls:
-    """What one forward pass fed into and got out of each block of a stack.
+    """The hidden states entering and leaving each block of a stack during one forward pass.
 
     ``inputs[l]`` and ``outputs[l]`` are block l's hidden states (detached); ``calls[l]`` the
     ``(args, kwargs)`` it was called with, kept only when requested, to call the block again.

@@ -73,7 +73,7 @@ class WorkedSolutions(Dataset):
 
 @dataclasses.dataclass
 class WarmStartSettings:
-    """What :class:`WarmStartTask` needs; built by :func:`warm_start_policy`, not from a config file."""
+    """Settings of :class:`WarmStartTask`, built by :func:`warm_start_policy` rather than from a config file."""
 
     name: str
     train: list[Problem]
